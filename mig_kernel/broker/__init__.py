@@ -1,0 +1,1 @@
+"""The node broker (control plane): slices, leases, queue, warm executors, state."""

@@ -1,0 +1,227 @@
+"""Executor processes: start, adopt after a broker restart, talk to, watch, stop.
+
+The pool knows processes and sockets; which slice gets which executor and when is the broker's
+decision. Every socket here is a DEALER connected to one executor's ROUTER; replies come back as
+events (``ready``, ``rekeyed``, ``stats``) that the broker loop handles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ..slices.model import SliceInfo
+from ..wire.errors import MigKernelError
+from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
+from ..wire.messages import Message, decode, encode, refusal_reason
+from ..wire.signing import new_key
+from .state import Executor, new_id
+
+log = logging.getLogger("mig_kernel.broker")
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks (field 22 of /proc/PID/stat), None if gone.
+
+    Together with the pid it names one process for good: a recycled pid has another start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] == b"Z":
+        return None  # a zombie has finished
+    return int(fields[19])
+
+
+class ExecutorPool:
+    def __init__(
+        self,
+        context: zmq.Context,
+        runtime_dir: Path,
+        log_dir: Path,
+        *,
+        python: str = sys.executable,
+        start_timeout: float = 120.0,
+        replay_window: float = 30.0,
+    ) -> None:
+        self.context = context
+        self.runtime_dir = runtime_dir
+        self.log_dir = log_dir
+        self.python = python
+        self.start_timeout = start_timeout
+        self.replay_window = replay_window
+        self.by_socket: dict[zmq.Socket, Executor] = {}
+        self.pending: dict[bytes, tuple[str, Executor]] = {}  # msg id -> (request type, executor)
+
+    # -- starting ------------------------------------------------------------------------
+    def spawn(self, info: SliceInfo, tenant_key: bytes, key_lease: str | None) -> Executor:
+        executor_id = new_id("E")
+        endpoint = f"ipc://{self.runtime_dir / (executor_id + '.sock')}"
+        ex = Executor(
+            id=executor_id,
+            slice_id=info.id,
+            endpoint=endpoint,
+            control_key=new_key(),
+            tenant_key=tenant_key,
+            key_lease=key_lease,
+        )
+        spec = ExecutorSpec(
+            executor_id=executor_id,
+            endpoint=endpoint,
+            control_key=ex.control_key.hex(),
+            tenant_key=tenant_key.hex(),
+            slice=info.to_json(),
+            runtime=info.runtime,
+            memory_limit=info.memory_limit,
+            replay_window=self.replay_window,
+        )
+        env = dict(os.environ)
+        env.update(info.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log_dir / f"{info.id}.log", "ab") as logfile:
+            ex.popen = subprocess.Popen(
+                [self.python, "-m", "mig_kernel.executor"],
+                stdin=subprocess.PIPE,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # a Ctrl-C at the broker's terminal is the broker's
+                close_fds=True,
+            )
+        assert ex.popen.stdin is not None
+        ex.popen.stdin.write(spec.to_json().encode())
+        ex.popen.stdin.close()
+        ex.pid = ex.popen.pid
+        ex.start_ticks = proc_start_ticks(ex.pid)
+        self._connect(ex, self.start_timeout)
+        return ex
+
+    def adopt(self, record: dict[str, Any], adopt_timeout: float = 10.0) -> Executor | None:
+        """Reconnect to an executor a previous broker process started; None if it is gone."""
+        ticks = proc_start_ticks(record["pid"])
+        if ticks is None or (record["start_ticks"] is not None and ticks != record["start_ticks"]):
+            return None
+        ex = Executor(
+            id=record["id"],
+            slice_id=record["slice_id"],
+            endpoint=record["endpoint"],
+            control_key=record["control_key"],
+            tenant_key=record["tenant_key"],
+            key_lease=record["key_lease"],
+            pid=record["pid"],
+            start_ticks=ticks,
+            adopted=True,
+        )
+        self._connect(ex, adopt_timeout)
+        return ex
+
+    def _connect(self, ex: Executor, timeout: float) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the executor binds once warm; notice it fast
+        sock.connect(ex.endpoint)
+        ex.socket = sock
+        ex.phase = "starting"
+        ex.deadline = time.time() + timeout
+        self.by_socket[sock] = ex
+        self._send(ex, "ready", {})
+
+    # -- requests ------------------------------------------------------------------------
+    def _send(self, ex: Executor, msg_type: str, body: dict[str, Any]) -> None:
+        assert ex.socket is not None
+        msg_id = os.urandom(16)
+        self.pending[msg_id] = (msg_type, ex)
+        ex.socket.send_multipart(
+            encode(msg_type, body, ex.control_key, sender=CONTROL_SENDER, msg_id=msg_id)
+        )
+
+    def rekey(self, ex: Executor, timeout: float = 5.0) -> None:
+        ex.pending_key = new_key()
+        ex.phase = "rekeying"
+        ex.deadline = time.time() + timeout
+        self._send(ex, "rekey", {"key": ex.pending_key.hex()})
+
+    def request_stats(self, ex: Executor) -> None:
+        self._send(ex, "stats", {})
+
+    def stop(self, ex: Executor, grace: float = 3.0) -> None:
+        """Ask the executor to exit; ``check`` kills it if it has not after ``grace`` seconds."""
+        if ex.phase == "stopping":
+            return
+        ex.phase = "stopping"
+        ex.deadline = time.time() + grace
+        if ex.socket is not None:
+            self._send(ex, "shutdown", {})
+
+    def kill(self, ex: Executor) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if self.alive(ex):
+                os.kill(ex.pid, signal.SIGKILL)
+
+    # -- replies -------------------------------------------------------------------------
+    def receive(self, sock: zmq.Socket) -> tuple[str, Executor, Message | MigKernelError] | None:
+        """One reply from an executor: (request type, executor, reply or error)."""
+        ex = self.by_socket.get(sock)
+        frames = sock.recv_multipart()
+        if ex is None:
+            return None
+        reason = refusal_reason(frames)
+        if reason is not None:
+            log.error("executor %s refused the broker: %s", ex.id, reason)
+            return None
+        try:
+            msg = decode(frames, lambda _h: ex.control_key, None)
+        except MigKernelError as exc:
+            log.error("bad reply from executor %s: %s", ex.id, exc)
+            return None
+        pending = self.pending.pop(msg.re or b"", None)
+        if pending is None:
+            return None
+        kind, _ = pending
+        if msg.type == "error":
+            return kind, ex, MigKernelError(msg.body.get("message", "executor error"))
+        return kind, ex, msg
+
+    # -- liveness ------------------------------------------------------------------------
+    def alive(self, ex: Executor) -> bool:
+        if ex.popen is not None:
+            return ex.popen.poll() is None
+        ticks = proc_start_ticks(ex.pid)
+        return ticks is not None and ticks == ex.start_ticks
+
+    def exit_description(self, ex: Executor) -> str:
+        if ex.popen is not None and ex.popen.returncode is not None:
+            code = ex.popen.returncode
+            return f"exited with signal {-code}" if code < 0 else f"exited with status {code}"
+        return "process is gone"
+
+    def forget(self, ex: Executor) -> None:
+        """Close the socket of a dead or stopped executor and drop what it still owed us."""
+        if ex.socket is not None:
+            self.by_socket.pop(ex.socket, None)
+            ex.socket.close(linger=0)
+            ex.socket = None
+        self.pending = {mid: p for mid, p in self.pending.items() if p[1] is not ex}
+        if ex.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                ex.popen.wait(timeout=0)
+
+    def log_tail(self, slice_id: str, lines: int = 5) -> str:
+        path = self.log_dir / f"{slice_id}.log"
+        try:
+            text = path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])

@@ -1,0 +1,1032 @@
+"""The node broker: inventory, leases, queue, warm pool, persistence, metrics and watch stream.
+
+One thread, one ZeroMQ poll loop, no locks. Each loop turn handles the requests and executor
+replies that arrived, runs the timers, commits SQLite once, and only then sends the replies it
+collected (group commit: nothing a client was told can be lost by a crash). Dispatch is
+table-driven: request type ``x`` is handled by ``request_x``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+from traitlets import Float, Int, Type, Unicode
+from traitlets.config import LoggingConfigurable
+
+from .. import __version__
+from ..slices.model import ApplyRefused, Inventory, SliceInfo
+from ..wire import errors as E
+from ..wire.connection import (
+    CONNECTION_FILE,
+    ConnectionInfo,
+    bind_private,
+    default_state_dir,
+    ipc_endpoint,
+    private_dir,
+    runtime_dir_for,
+    write_connection_file,
+)
+from ..wire.messages import Message, decode, encode, error_body, handler_name, refusal
+from ..wire.signing import ReplayGuard, new_key
+from .identity import Identity, IdentityProvider, LocalUserIdentity, pseudonym
+from .metrics import BrokerMetrics
+from .pool import ExecutorPool
+from .state import (
+    FREE,
+    Client,
+    Executor,
+    Lease,
+    Request,
+    SliceRecord,
+    Ticket,
+    new_id,
+    slice_state,
+)
+from .store import Store
+
+log = logging.getLogger("mig_kernel.broker")
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_BATCH = 512  # requests handled per loop turn before timers and the commit get their turn
+
+
+class BrokerStartError(Exception):
+    """The broker cannot start (state dir not writable, another broker on it, bad layout)."""
+
+
+@dataclass
+class Incoming:
+    route: bytes
+    msg: Message
+    client: Client | None
+    key: bytes
+    received: float
+
+
+DEFERRED = None  # a handler that answers later (queued acquire) returns this
+
+
+class Broker(LoggingConfigurable):
+    state_dir = Unicode(
+        "", help="Directory of the broker's SQLite state, connection file and logs."
+    ).tag(config=True)
+    idle_timeout = Float(
+        600.0, help="Seconds without GPU work after which a lease is reclaimed (0: never)."
+    ).tag(config=True)
+    heartbeat_interval = Float(
+        5.0, help="Seconds between a client's heartbeats (told to clients at hello)."
+    ).tag(config=True)
+    heartbeat_misses = Int(
+        3,
+        help="Missed heartbeats after which the holder counts as gone and its lease is reclaimed.",
+    ).tag(config=True)
+    per_user_limit = Int(1, help="Slices one user may hold at once.").tag(config=True)
+    replay_window = Float(
+        30.0, help="Seconds a message timestamp may be off; message ids are remembered this long."
+    ).tag(config=True)
+    queue_keepalive = Float(
+        1.0, help="Seconds between a queued client's keepalives (it re-sends its acquire)."
+    ).tag(config=True)
+    queue_keepalive_misses = Int(
+        5, help="Missed keepalives after which a queued request is dropped."
+    ).tag(config=True)
+    executor_start_timeout = Float(
+        120.0, help="Seconds an executor may take to warm up before it is killed."
+    ).tag(config=True)
+    max_executor_failures = Int(
+        3, help="Consecutive failed executor starts after which a slice is marked broken."
+    ).tag(config=True)
+    stats_interval = Float(
+        2.0, help="Seconds between activity/memory polls of leased executors."
+    ).tag(config=True)
+    publish_interval = Float(
+        0.2, help="Minimum seconds between two state publications on the watch stream."
+    ).tag(config=True)
+    lease_history = Int(10000, help="Ended leases kept in the state database.").tag(config=True)
+    identity_provider_class = Type(
+        LocalUserIdentity, klass=IdentityProvider, help="Who callers are (see identity.py)."
+    ).tag(config=True)
+
+    def __init__(self, inventory: Inventory, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.inventory = inventory
+        self.metrics = BrokerMetrics()
+        self.slices: dict[str, SliceRecord] = {}
+        self.executors: dict[str, Executor] = {}
+        self.leases: dict[str, Lease] = {}  # active ones; ended leases live in SQLite only
+        self.clients: dict[str, Client] = {}
+        self.queue: list[Ticket] = []
+        self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
+        self.dirty = True
+        self.seq = 0
+        self.stopping = False
+        self._timers: dict[str, float] = {}
+        self._lockfile: Any = None
+
+    # ================================================================== lifecycle
+    def start(self) -> None:
+        self.state_path = Path(self.state_dir or default_state_dir()).expanduser().resolve()
+        self._prepare_state_dir()
+        self.store = Store(self.state_path / "broker.sqlite")
+        self.connection_key = self._secret("connection_key")
+        self.watch_key = self._secret("watch_key")
+        self.pseudonym_secret = self._secret("pseudonym_secret")
+        self.identity = self.identity_provider_class(parent=self)
+        self.hello_key = self.identity.hello_key(self.connection_key)
+        self.guard = ReplayGuard(self.replay_window)
+        self.runtime_dir = runtime_dir_for(self.state_path)
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.endpoint = ipc_endpoint(self.runtime_dir, "broker.sock")
+        bind_private(self.router, self.endpoint)
+        self.pub = self.context.socket(zmq.PUB)
+        self.pub.linger = 0
+        self.watch_endpoint = ipc_endpoint(self.runtime_dir, "watch.sock")
+        bind_private(self.pub, self.watch_endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        log_dir = private_dir(self.state_path / "logs")
+        self.pool = ExecutorPool(
+            self.context,
+            self.runtime_dir,
+            log_dir,
+            start_timeout=self.executor_start_timeout,
+            replay_window=self.replay_window,
+        )
+        self._restore()
+        self.store.commit()
+        write_connection_file(
+            self.state_path / CONNECTION_FILE,
+            ConnectionInfo(
+                endpoint=self.endpoint,
+                watch_endpoint=self.watch_endpoint,
+                key=self.connection_key.hex(),
+                pid=os.getpid(),
+                state_dir=str(self.state_path),
+                user=getattr(self.identity, "user", ""),
+                version=__version__,
+            ),
+        )
+        self.log.info(
+            "broker serving %d slice(s) (%s backend) at %s",
+            len(self.slices),
+            self.inventory.backend,
+            self.endpoint,
+        )
+
+    def _prepare_state_dir(self) -> None:
+        try:
+            private_dir(self.state_path)
+            probe = self.state_path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise BrokerStartError(
+                f"state dir {self.state_path} is not usable: {exc.strerror or exc}"
+            ) from None
+        self._lockfile = open(self.state_path / "broker.lock", "a")  # noqa: SIM115 (held for life)
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BrokerStartError(
+                f"another broker is already running on state dir {self.state_path}"
+            ) from None
+
+    def _secret(self, name: str) -> bytes:
+        value = self.store.meta(name)
+        if value is None:
+            value = new_key().hex()
+            self.store.set_meta(name, value)
+        return bytes.fromhex(value)
+
+    def _restore(self) -> None:
+        """Rebuild from SQLite after a start or a SIGKILL: keep every lease, re-adopt live
+        executors, replace dead ones."""
+        now = time.time()
+        self.store.prune_clients(now - 7 * 86400)
+        self.store.prune_history(self.lease_history)
+        self.slices = self.store.load_slices()
+        for record in self.slices.values():
+            record.broken = None  # a restart is a retry
+        self.clients = self.store.load_clients()
+        self.leases = self.store.load_active_leases(now)
+        self._reconcile(self.inventory.slices())
+        for lease in list(self.leases.values()):
+            record = self.slices.get(lease.slice_id)
+            if record is None:
+                self._end_lease(lease, "slice_gone")
+            else:
+                record.lease_id = lease.id
+        for row in self.store.load_executors():
+            record = self.slices.get(row["slice_id"])
+            ex = None
+            if record is not None and record.executor_id is None:
+                ex = self.pool.adopt(row)
+            if ex is None:
+                self.store.delete_executor(row["id"])
+                continue
+            self._register_executor(ex, record)
+            self.log.info("re-adopted executor %s (pid %d) on %s", ex.id, ex.pid, ex.slice_id)
+        for record in self.slices.values():
+            self._ensure_executor(record)
+
+    def _reconcile(self, infos: list[SliceInfo]) -> None:
+        """Make the slice records match the inventory: same uuid keeps its record."""
+        fresh = {info.id: info for info in infos}
+        for slice_id, record in list(self.slices.items()):
+            info = fresh.get(slice_id)
+            if info is None or info.uuid != record.info.uuid:
+                self._remove_slice(record)
+        for info in infos:
+            record = self.slices.get(info.id)
+            if record is None:
+                record = SliceRecord(info)
+                self.slices[info.id] = record
+            else:
+                record.info = info
+            self.store.save_slice(record)
+        self.dirty = True
+
+    def _remove_slice(self, record: SliceRecord) -> None:
+        if record.lease_id and record.lease_id in self.leases:
+            self._end_lease(self.leases[record.lease_id], "slice_gone")
+        ex = self.executors.get(record.executor_id or "")
+        if ex is not None:
+            self.pool.stop(ex)
+            self.pool.kill(ex)
+            self._forget_executor(ex)
+        self.slices.pop(record.info.id, None)
+        self.store.delete_slice(record.info.id)
+
+    def serve_forever(self) -> None:
+        try:
+            while not self.stopping:
+                self.run_once()
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        """Ask the loop to finish its turn and shut down (safe from a signal handler)."""
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        """Graceful stop: end every lease, stop every executor, remove the connection file."""
+        if not hasattr(self, "store"):
+            return
+        self.stopping = True
+        for lease in list(self.leases.values()):
+            self._end_lease(lease, "broker_stopped")
+        for ticket in self.queue:
+            self._reply_error(
+                ticket.route,
+                ticket.reply_to,
+                self._client_key(ticket.client_id),
+                E.AcquireCancelled("the broker is shutting down"),
+            )
+        self.queue.clear()
+        executors = list(self.executors.values())
+        for ex in executors:
+            self.pool.stop(ex, grace=3.0)
+        self._flush()
+        deadline = time.time() + 3.0
+        while time.time() < deadline and any(self.pool.alive(ex) for ex in executors):
+            time.sleep(0.02)
+        for ex in executors:
+            self.pool.kill(ex)
+            self._forget_executor(ex)
+        self.store.commit()
+        self.store.close()
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_path / CONNECTION_FILE).unlink()
+        self.router.close(linger=0)
+        self.pub.close(linger=0)
+        self.context.term()
+        del self.store
+        if self._lockfile is not None:
+            self._lockfile.close()
+
+    # ================================================================== loop
+    def run_once(self, timeout_ms: int = 100) -> None:
+        events = dict(self.poller.poll(timeout_ms))
+        if events.pop(self.router, None):
+            for _ in range(MAX_BATCH):
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_request(frames[0], frames[1:])
+        for sock in events:
+            event = self.pool.receive(sock)
+            if event is not None:
+                self._on_executor_reply(*event)
+        self._run_timers()
+        self.store.commit()
+        self._flush()
+        self._maybe_publish()
+
+    def _flush(self) -> None:
+        for sock, frames in self.outbox:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send_multipart(frames, zmq.NOBLOCK)
+        self.outbox.clear()
+
+    def _due(self, name: str, every: float, now: float) -> bool:
+        if now >= self._timers.get(name, 0.0):
+            self._timers[name] = now + every
+            return True
+        return False
+
+    def _run_timers(self) -> None:
+        now = time.time()
+        if self._due("executors", 0.1, now):
+            self._check_executors(now)
+        if self._due("leases", 0.5, now):
+            self._check_leases(now)
+            self._check_queue(now)
+        if self._due("stats", self.stats_interval, now):
+            for ex in self.executors.values():
+                if ex.phase == "ready" and ex.key_lease is not None:
+                    self.pool.request_stats(ex)
+
+    # ================================================================== requests
+    def _key_for(self, header: dict[str, Any]) -> bytes | None:
+        sender = header.get("from")
+        if sender is None and header.get("type") == "hello":
+            return self.hello_key
+        client = self.clients.get(sender) if isinstance(sender, str) else None
+        return client.key if client else None
+
+    def _client_key(self, client_id: str) -> bytes:
+        client = self.clients.get(client_id)
+        return client.key if client else self.hello_key
+
+    def _on_request(self, route: bytes, frames: list[bytes]) -> None:
+        received = time.perf_counter()
+        try:
+            msg = decode(frames, self._key_for, None)
+        except (E.AuthenticationError, E.MalformedMessage) as exc:
+            self.metrics.rejected.labels(reason=exc.code).inc()
+            self.outbox.append((self.router, [route, *refusal(str(exc))]))
+            return
+        client = self.clients.get(msg.sender or "")
+        key = (
+            self.hello_key
+            if msg.type == "hello" and msg.sender is None
+            else self._client_key(msg.sender or "")
+        )
+        try:
+            reason = self.guard.check(msg.id, msg.ts)
+            if reason:
+                self.metrics.rejected.labels(reason="replayed_message").inc()
+                raise E.ReplayedMessage(f"replayed or stale message refused: {reason}")
+            if msg.type != "hello" and client is None:
+                raise E.AuthenticationError("unknown client session: send hello first")
+            method = getattr(self, handler_name("request", msg.type), None)
+            if method is None:
+                raise E.UnknownRequest(f"unknown request type {msg.type!r}")
+            body = method(Incoming(route, msg, client, key, received))
+        except E.MigKernelError as exc:
+            self._reply_error(route, msg.id, key, exc)
+            return
+        except Exception as exc:
+            self.log.exception("request %s failed", msg.type)
+            self._reply_error(route, msg.id, key, E.InternalError(f"{type(exc).__name__}: {exc}"))
+            return
+        if body is not DEFERRED:
+            self._reply(route, msg.id, key, body)
+
+    def _reply(self, route: bytes, re: bytes, key: bytes, body: dict[str, Any]) -> None:
+        self.outbox.append(
+            (self.router, [route, *encode("reply", body, key, sender="broker", re=re)])
+        )
+
+    def _reply_error(self, route: bytes, re: bytes | None, key: bytes, exc: Exception) -> None:
+        frames = encode("error", error_body(exc), key, sender="broker", re=re)
+        self.outbox.append((self.router, [route, *frames]))
+
+    # -- helpers for validating bodies --------------------------------------------------
+    @staticmethod
+    def _field(
+        body: dict[str, Any], name: str, kinds: type | tuple[type, ...], default: Any = ...
+    ) -> Any:
+        if name not in body or body[name] is None:
+            if default is ...:
+                raise E.BadRequest(f"field {name!r} is required")
+            return default
+        value = body[name]
+        if not isinstance(value, kinds) or (
+            isinstance(value, bool)
+            and bool not in (kinds if isinstance(kinds, tuple) else (kinds,))
+        ):
+            raise E.BadRequest(f"field {name!r} has the wrong type {type(value).__name__}")
+        return value
+
+    def _require_admin(self, req: Incoming) -> None:
+        assert req.client is not None
+        if not req.client.admin:
+            raise E.NotPermitted(f"user {req.client.user!r} is not a broker admin")
+
+    # -- session --------------------------------------------------------------------------
+    def request_hello(self, req: Incoming) -> dict[str, Any]:
+        identity: Identity = self.identity.identify(req.msg.body)
+        client = Client(new_id("C"), identity.user, new_key(), identity.admin, time.time())
+        self.clients[client.id] = client
+        self.store.insert_client(client)
+        return {
+            "client_id": client.id,
+            "client_key": client.key.hex(),
+            "user": client.user,
+            "admin": client.admin,
+            "pseudonym": pseudonym(self.pseudonym_secret, client.user),
+            "heartbeat_interval": self.heartbeat_interval,
+            "queue_keepalive": self.queue_keepalive,
+            "idle_timeout": self.idle_timeout,
+            "version": __version__,
+        }
+
+    # -- leases --------------------------------------------------------------------------
+    def request_acquire(self, req: Incoming) -> dict[str, Any] | None:
+        body, client = req.msg.body, req.client
+        assert client is not None
+        profile = self._field(body, "profile", str, None)
+        memory = self._field(body, "memory", int, None)
+        wait = self._field(body, "wait", bool, True)
+        timeout = self._field(body, "timeout", (int, float), None)
+        ticket_id = self._field(body, "ticket", str, None) or new_id("T")
+        if memory is not None and memory <= 0:
+            raise E.BadRequest(f"memory must be a positive number of bytes, got {memory}")
+        if timeout is not None and timeout < 0:
+            raise E.BadRequest(f"timeout must not be negative, got {timeout}")
+        request = Request(profile, memory)
+
+        granted = self._lease_for_ticket(client, ticket_id)
+        if granted is not None:  # a re-sent acquire whose grant the client has not seen
+            return {"status": "granted", "lease": self._lease_json(granted)}
+        queued = next((t for t in self.queue if t.id == ticket_id), None)
+        if queued is not None:
+            if queued.client_id != client.id:
+                raise E.BadRequest(f"ticket {ticket_id!r} belongs to another client")
+            queued.route, queued.reply_to, queued.last_seen = req.route, req.msg.id, time.time()
+            return self._queued_json(queued)
+
+        self._check_satisfiable(request)
+        held = [lease for lease in self.leases.values() if lease.owner == client.user]
+        if len(held) >= self.per_user_limit:
+            raise E.QuotaExceeded(
+                f"user {client.user!r} already holds {len(held)} of {self.per_user_limit} "
+                f"allowed slice(s) ({', '.join(lease.id for lease in held)}); release one first"
+            )
+        record = self._best_free(request)
+        if record is not None:
+            lease = self._grant(record, client, request, ticket_id)
+            self.metrics.grant_latency.observe(time.perf_counter() - req.received)
+            return {"status": "granted", "lease": self._lease_json(lease)}
+        if not wait:
+            raise E.NoCapacity(f"no free slice fits {self._describe(request)}; all are busy")
+        now = time.time()
+        ticket = Ticket(
+            id=ticket_id,
+            client_id=client.id,
+            user=client.user,
+            request=request,
+            enqueued=now,
+            deadline=now + timeout if timeout is not None else None,
+            route=req.route,
+            reply_to=req.msg.id,
+            last_seen=now,
+        )
+        self.queue.append(ticket)
+        self.dirty = True
+        return self._queued_json(ticket)
+
+    def _lease_for_ticket(self, client: Client, ticket_id: str) -> Lease | None:
+        for lease in self.leases.values():
+            if lease.request_ticket == ticket_id and lease.owner == client.user:
+                return lease
+        return None
+
+    def _check_satisfiable(self, request: Request) -> None:
+        infos = [r.info for r in self.slices.values()]
+        profiles = sorted({i.profile for i in infos})
+        if request.profile is not None and request.profile not in profiles:
+            offered = ", ".join(profiles) or "nothing"
+            raise E.UnknownProfileError(
+                f"unknown profile {request.profile!r}: this node offers {offered}"
+            )
+        if not any(request.fits(i) for i in infos):
+            largest = max((i.memory_total for i in infos), default=0)
+            raise E.NoSuchSlice(
+                f"no slice on this node has {self._describe(request)} "
+                f"(largest: {largest / 2**30:.1f} GiB)"
+            )
+
+    @staticmethod
+    def _describe(request: Request) -> str:
+        parts = []
+        if request.profile:
+            parts.append(f"profile {request.profile}")
+        if request.memory:
+            parts.append(f"{request.memory / 2**30:.2f} GiB of memory")
+        return " and ".join(parts) or "any request"
+
+    def _best_free(self, request: Request) -> SliceRecord | None:
+        best = None
+        for record in self.slices.values():
+            if not request.fits(record.info):
+                continue
+            if slice_state(record, self.executors.get(record.executor_id or "")) != FREE:
+                continue
+            key = (record.info.memory_total, record.info.sms or 0, record.info.id)
+            if best is None or key < best[0]:
+                best = (key, record)
+        return best[1] if best else None
+
+    def _grant(self, record: SliceRecord, client: Client, request: Request, ticket: str) -> Lease:
+        ex = self.executors[record.executor_id or ""]
+        now = time.time()
+        lease = Lease(
+            id=new_id("L"),
+            slice_id=record.info.id,
+            owner=client.user,
+            client_id=client.id,
+            key=ex.tenant_key,
+            created=now,
+            request=request,
+            last_heartbeat=now,
+            last_active=now,
+            request_ticket=ticket,
+        )
+        self.store.insert_lease(lease)
+        ex.key_lease = lease.id
+        self.store.save_executor(ex)
+        record.lease_id = lease.id
+        self.leases[lease.id] = lease
+        self.metrics.granted.inc()
+        self.dirty = True
+        return lease
+
+    def _lease_json(self, lease: Lease) -> dict[str, Any]:
+        record = self.slices[lease.slice_id]
+        ex = self.executors.get(record.executor_id or "")
+        info = record.info.to_json()
+        info.pop("env", None)
+        return {
+            "id": lease.id,
+            "slice": info,
+            "executor": {"endpoint": ex.endpoint if ex else None, "generation": lease.generation},
+            "key": lease.key.hex(),
+            "owner": lease.owner,
+            "created": lease.created,
+            "idle_timeout": self.idle_timeout,
+            "heartbeat_interval": self.heartbeat_interval,
+        }
+
+    def _queued_json(self, ticket: Ticket) -> dict[str, Any]:
+        return {
+            "status": "queued",
+            "ticket": ticket.id,
+            "position": self.queue.index(ticket) + 1,
+            "queue_length": len(self.queue),
+        }
+
+    def request_cancel(self, req: Incoming) -> dict[str, Any]:
+        assert req.client is not None
+        ticket_id = self._field(req.msg.body, "ticket", str)
+        for ticket in self.queue:
+            if ticket.id == ticket_id and ticket.client_id == req.client.id:
+                self.queue.remove(ticket)
+                self.dirty = True
+                return {"cancelled": True, "released": None}
+        lease = self._lease_for_ticket(req.client, ticket_id)
+        if lease is not None:  # the grant crossed the cancel: undo it
+            self._end_lease(lease, "released")
+            return {"cancelled": True, "released": lease.id}
+        return {"cancelled": False, "released": None}
+
+    def _owned_lease(self, req: Incoming, lease_id: str) -> Lease:
+        assert req.client is not None
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            ended = self.store.ended_lease(lease_id)
+            if ended is not None and (ended[0] == req.client.user or req.client.admin):
+                raise E.LeaseEnded(
+                    f"lease {lease_id} already ended ({ended[1]}) "
+                    f"{time.time() - ended[2]:.0f} s ago",
+                    reason=ended[1],
+                )
+            raise E.LeaseNotFound(f"no lease {lease_id!r} on this broker")
+        if lease.owner != req.client.user and not req.client.admin:
+            raise E.NotPermitted(f"lease {lease_id} belongs to another user")
+        return lease
+
+    def request_release(self, req: Incoming) -> dict[str, Any]:
+        lease = self._owned_lease(req, self._field(req.msg.body, "lease_id", str))
+        assert req.client is not None
+        reason = "released" if lease.owner == req.client.user else "admin"
+        self._end_lease(lease, reason)
+        return {"released": lease.id}
+
+    def request_lease(self, req: Incoming) -> dict[str, Any]:
+        lease = self._owned_lease(req, self._field(req.msg.body, "lease_id", str))
+        return {"lease": self._lease_json(lease), "idle_seconds": time.time() - lease.last_active}
+
+    def request_heartbeat(self, req: Incoming) -> dict[str, Any]:
+        assert req.client is not None
+        ids = self._field(req.msg.body, "lease_ids", list)
+        now = time.time()
+        states: dict[str, Any] = {}
+        for lease_id in ids[:64]:
+            if not isinstance(lease_id, str):
+                raise E.BadRequest("lease_ids must be strings")
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.owner == req.client.user:
+                lease.last_heartbeat = now
+                states[lease_id] = {
+                    "state": "active",
+                    "idle_seconds": now - lease.last_active,
+                    "generation": lease.generation,
+                }
+                continue
+            ended = self.store.ended_lease(lease_id)
+            if ended is not None and ended[0] == req.client.user:
+                states[lease_id] = {"state": "ended", "reason": ended[1]}
+            else:
+                states[lease_id] = {"state": "unknown"}
+        return {"leases": states}
+
+    def _end_lease(self, lease: Lease, reason: str) -> None:
+        self.leases.pop(lease.id, None)
+        self.store.end_lease(lease.id, reason)
+        if reason == "released":
+            self.metrics.released.inc()
+        else:
+            self.metrics.reclaimed.labels(reason=reason).inc()
+        self.log.info(
+            "lease %s of %s on %s ended: %s", lease.id, lease.owner, lease.slice_id, reason
+        )
+        record = self.slices.get(lease.slice_id)
+        if record is not None and record.lease_id == lease.id:
+            record.lease_id = None
+            ex = self.executors.get(record.executor_id or "")
+            if ex is not None and ex.phase == "ready" and not self.stopping:
+                self.pool.rekey(ex)
+        self.dirty = True
+
+    # -- views --------------------------------------------------------------------------
+    def request_status(self, req: Incoming) -> dict[str, Any]:
+        assert req.client is not None
+        return self.status_for(Identity(req.client.user, req.client.admin))
+
+    def status_for(self, viewer: Identity | None) -> dict[str, Any]:
+        """design.md's status JSON; the viewer sees its own leases in full, others anonymized
+        (``viewer=None``: everyone anonymized, as on the watch stream)."""
+        now = time.time()
+        slices = []
+        for record in self.slices.values():
+            info = record.info
+            ex = self.executors.get(record.executor_id or "")
+            lease = self.leases.get(record.lease_id or "")
+            mine = lease is not None and viewer is not None and lease.owner == viewer.user
+            full = lease is not None and viewer is not None and (mine or viewer.admin)
+            used = self.inventory.memory_used(info)
+            if used is None:
+                used = ex.memory_used if ex is not None else 0
+            entry: dict[str, Any] = {
+                "id": info.id,
+                "uuid": info.uuid,
+                "gpu": info.gpu_index,
+                "profile": info.profile,
+                "isolation": info.isolation.value,
+                "memory_total": info.memory_total,
+                "memory_used": used,
+                "state": slice_state(record, ex),
+                "holder": None,
+                "mine": mine,
+                "sms": info.sms,
+                "placement": (
+                    {"start": info.placement_start, "size": info.placement_size}
+                    if info.placement_start is not None
+                    else None
+                ),
+                "lease": None,
+                "broken_reason": record.broken,
+            }
+            if lease is not None:
+                entry["holder"] = (
+                    lease.owner if full else pseudonym(self.pseudonym_secret, lease.owner)
+                )
+                entry["idle_seconds"] = round(now - lease.last_active, 3)
+                if full:
+                    entry["lease"] = {
+                        "id": lease.id,
+                        "created": lease.created,
+                        "idle_timeout": self.idle_timeout,
+                        "expires_in": (
+                            max(0.0, self.idle_timeout - (now - lease.last_active))
+                            if self.idle_timeout > 0
+                            else None
+                        ),
+                        "executor_pid": ex.pid if ex else None,
+                    }
+            slices.append(entry)
+        queue = []
+        for position, ticket in enumerate(self.queue, 1):
+            mine = viewer is not None and ticket.user == viewer.user
+            full = viewer is not None and (mine or viewer.admin)
+            queue.append(
+                {
+                    "position": position,
+                    "profile": ticket.request.profile,
+                    "memory": ticket.request.memory,
+                    "holder": ticket.user
+                    if full
+                    else pseudonym(self.pseudonym_secret, ticket.user),
+                    "mine": mine,
+                    "waiting_seconds": round(now - ticket.enqueued, 3),
+                }
+            )
+        return {
+            "node": socket.gethostname(),
+            "backend": self.inventory.backend,
+            "gpus": [gpu.to_json() for gpu in self.inventory.gpus()],
+            "slices": slices,
+            "queue": queue,
+        }
+
+    def request_watch(self, req: Incoming) -> dict[str, Any]:
+        assert req.client is not None
+        return {
+            "endpoint": self.watch_endpoint,
+            "key": self.watch_key.hex(),
+            "pseudonym": pseudonym(self.pseudonym_secret, req.client.user),
+            "seq": self.seq,
+        }
+
+    def request_metrics(self, req: Incoming) -> dict[str, Any]:
+        self._update_gauges()
+        return {"text": self.metrics.text()}
+
+    def _update_gauges(self) -> None:
+        counts: dict[str, int] = {}
+        for record in self.slices.values():
+            state = slice_state(record, self.executors.get(record.executor_id or ""))
+            counts[state] = counts.get(state, 0) + 1
+        self.metrics.set_slice_counts(counts, len(self.queue))
+
+    def _maybe_publish(self) -> None:
+        now = time.time()
+        if not self.dirty or not self._due("publish", self.publish_interval, now):
+            return
+        self.dirty = False
+        self.seq += 1
+        self._update_gauges()
+        body = self.status_for(None)
+        body["seq"] = self.seq
+        self.pub.send_multipart([b"state", *encode("state", body, self.watch_key, sender="broker")])
+
+    # -- admin --------------------------------------------------------------------------
+    def _slice(self, slice_id: Any) -> SliceRecord:
+        record = self.slices.get(slice_id) if isinstance(slice_id, str) else None
+        if record is None:
+            raise E.NoSuchSlice(f"no slice {slice_id!r}; slices: {', '.join(self.slices)}")
+        return record
+
+    def request_drain(self, req: Incoming) -> dict[str, Any]:
+        self._require_admin(req)
+        record = self._slice(req.msg.body.get("slice_id"))
+        record.drained = True
+        self.store.save_slice(record)
+        ex = self.executors.get(record.executor_id or "")
+        if ex is not None and record.lease_id is None:
+            self.pool.stop(ex)
+        self.dirty = True
+        return {"slice_id": record.info.id, "state": "draining", "lease": record.lease_id}
+
+    def request_undrain(self, req: Incoming) -> dict[str, Any]:
+        self._require_admin(req)
+        record = self._slice(req.msg.body.get("slice_id"))
+        record.drained = False
+        record.broken = None
+        record.failures = 0
+        self.store.save_slice(record)
+        self._ensure_executor(record)
+        self.dirty = True
+        return {"slice_id": record.info.id}
+
+    def request_apply_layout(self, req: Incoming) -> dict[str, Any]:
+        self._require_admin(req)
+        gpu = self._field(req.msg.body, "gpu", int)
+        layout = self._field(req.msg.body, "layout", str)
+        on_gpu = [r for r in self.slices.values() if r.info.gpu_index == gpu]
+        busy = [r for r in on_gpu if r.lease_id is not None]
+        if busy:
+            raise E.LayoutRefused(
+                f"GPU {gpu} is in use: leases {', '.join(r.lease_id or '' for r in busy)} hold "
+                f"slices on it; drain and wait for them to end",
+                reason="in_use",
+            )
+        self._stop_executors_now([r for r in on_gpu])
+        try:
+            infos = self.inventory.apply_layout(gpu, layout)
+        except ApplyRefused as exc:
+            for record in on_gpu:
+                self._ensure_executor(record)
+            raise E.LayoutRefused(str(exc), reason=exc.code) from None
+        self._reconcile(infos)
+        for record in self.slices.values():
+            self._ensure_executor(record)
+        self._drain_queue()
+        return {"slices": [i.to_json() for i in infos if i.gpu_index == gpu]}
+
+    def _stop_executors_now(self, records: list[SliceRecord]) -> None:
+        executors = [
+            self.executors[r.executor_id] for r in records if r.executor_id in self.executors
+        ]
+        for ex in executors:
+            self.pool.stop(ex)
+        self._flush()
+        deadline = time.time() + 3.0
+        while time.time() < deadline and any(self.pool.alive(ex) for ex in executors):
+            time.sleep(0.01)
+        for ex in executors:
+            self.pool.kill(ex)
+            self._forget_executor(ex)
+
+    # ================================================================== executors
+    def _register_executor(self, ex: Executor, record: SliceRecord) -> None:
+        self.executors[ex.id] = ex
+        record.executor_id = ex.id
+        assert ex.socket is not None
+        self.poller.register(ex.socket, zmq.POLLIN)
+        self.store.save_executor(ex)
+
+    def _forget_executor(self, ex: Executor) -> None:
+        if ex.socket is not None:
+            self.poller.unregister(ex.socket)
+        self.pool.forget(ex)
+        self.executors.pop(ex.id, None)
+        self.store.delete_executor(ex.id)
+        record = self.slices.get(ex.slice_id)
+        if record is not None and record.executor_id == ex.id:
+            record.executor_id = None
+        self.dirty = True
+
+    def _ensure_executor(self, record: SliceRecord) -> None:
+        if self.stopping or record.drained or record.broken or record.executor_id is not None:
+            return
+        lease = self.leases.get(record.lease_id or "")
+        if lease is not None:
+            key, key_lease = lease.key, lease.id
+        else:
+            key, key_lease = new_key(), None
+        try:
+            ex = self.pool.spawn(record.info, key, key_lease)
+        except OSError as exc:
+            record.broken = f"cannot start an executor: {exc}"
+            self.store.save_slice(record)
+            return
+        self.metrics.executor_starts.inc()
+        self._register_executor(ex, record)
+        self.dirty = True
+
+    def _on_executor_reply(
+        self, kind: str, ex: Executor, reply: Message | E.MigKernelError
+    ) -> None:
+        if isinstance(reply, E.MigKernelError):
+            self.log.error("executor %s answered %s with an error: %s", ex.id, kind, reply)
+            return
+        record = self.slices.get(ex.slice_id)
+        if record is None:
+            return
+        if kind == "ready":
+            ex.phase = "ready"
+            ex.warm_seconds = reply.body.get("warm_seconds")
+            record.failures = 0
+            if ex.key_lease is not None and ex.key_lease not in self.leases:
+                self.pool.rekey(ex)  # its key belongs to a lease that ended meanwhile
+            elif record.drained and record.lease_id is None:
+                self.pool.stop(ex)
+            self.dirty = True
+            self._drain_queue()
+        elif kind == "rekey":
+            if reply.body.get("pristine") and ex.pending_key is not None:
+                ex.tenant_key, ex.key_lease, ex.pending_key = ex.pending_key, None, None
+                ex.phase = "ready"
+                self.store.save_executor(ex)
+                if record.drained:
+                    self.pool.stop(ex)
+                self._drain_queue()
+            else:
+                ex.phase = "stopping"  # it served a tenant and exits by itself
+                ex.deadline = time.time() + 3.0
+            self.dirty = True
+        elif kind == "stats":
+            ex.memory_used = int(reply.body.get("memory_used") or 0)
+            lease = self.leases.get(ex.key_lease or "")
+            if lease is not None:
+                lease.last_active = max(
+                    lease.last_active, float(reply.body.get("last_active") or 0)
+                )
+
+    def _check_executors(self, now: float) -> None:
+        for ex in list(self.executors.values()):
+            if not self.pool.alive(ex):
+                self._executor_gone(ex, self.pool.exit_description(ex))
+            elif now > ex.deadline and ex.phase != "ready":
+                self.log.warning("executor %s (%s) timed out; killing it", ex.id, ex.phase)
+                ex.deadline = float("inf")  # killed once; _executor_gone follows
+                self.pool.kill(ex)
+
+    def _executor_gone(self, ex: Executor, why: str) -> None:
+        expected = ex.phase == "stopping"
+        never_ready = ex.phase == "starting"
+        self._forget_executor(ex)
+        record = self.slices.get(ex.slice_id)
+        if record is None:
+            return
+        if not expected:
+            self.log.warning("executor %s on %s %s", ex.id, record.info.id, why)
+        if never_ready and not ex.adopted:
+            record.failures += 1
+            if record.failures >= self.max_executor_failures:
+                tail = self.pool.log_tail(record.info.id)
+                record.broken = f"executor failed to start {record.failures} times: {why}. {tail}"
+                self.store.save_slice(record)
+                lease = self.leases.get(record.lease_id or "")
+                if lease is not None:
+                    self._end_lease(lease, "slice_broken")
+                return
+        lease = self.leases.get(record.lease_id or "")
+        if lease is not None:
+            lease.generation += 1
+            self.store.update_lease_generation(lease)
+        self._ensure_executor(record)
+
+    # ================================================================== reclaim & queue
+    def _check_leases(self, now: float) -> None:
+        lost_after = self.heartbeat_interval * self.heartbeat_misses
+        for lease in list(self.leases.values()):
+            if now - lease.last_heartbeat > lost_after:
+                self._end_lease(lease, "holder_lost")
+            elif self.idle_timeout > 0 and now - lease.last_active > self.idle_timeout:
+                self._end_lease(lease, "idle")
+
+    def _check_queue(self, now: float) -> None:
+        dropped_after = self.queue_keepalive * self.queue_keepalive_misses
+        for ticket in list(self.queue):
+            if ticket.deadline is not None and now > ticket.deadline:
+                self.queue.remove(ticket)
+                self._reply_error(
+                    ticket.route,
+                    ticket.reply_to,
+                    self._client_key(ticket.client_id),
+                    E.AcquireTimeout(
+                        f"no slice for {self._describe(ticket.request)} within "
+                        f"{ticket.deadline - ticket.enqueued:g} s"
+                    ),
+                )
+                self.dirty = True
+            elif now - ticket.last_seen > dropped_after:
+                self.queue.remove(ticket)  # the waiter is gone; nobody to answer
+                self.dirty = True
+
+    def _drain_queue(self) -> None:
+        """Grant queued requests, oldest first, while free slices fit them."""
+        for ticket in list(self.queue):
+            held = sum(1 for lease in self.leases.values() if lease.owner == ticket.user)
+            if held >= self.per_user_limit:
+                continue
+            record = self._best_free(ticket.request)
+            if record is None:
+                continue
+            client = self.clients.get(ticket.client_id)
+            self.queue.remove(ticket)
+            if client is None:
+                continue
+            lease = self._grant(record, client, ticket.request, ticket.id)
+            self.metrics.grant_latency.observe(time.time() - ticket.enqueued)
+            self._reply(
+                ticket.route,
+                ticket.reply_to,
+                client.key,
+                {"status": "granted", "lease": self._lease_json(lease)},
+            )
+
+
+def state_counts(status: dict[str, Any]) -> dict[str, int]:
+    """Slices per state in a status reply (for people and tests)."""
+    counts: dict[str, int] = {}
+    for entry in status["slices"]:
+        counts[entry["state"]] = counts.get(entry["state"], 0) + 1
+    return counts

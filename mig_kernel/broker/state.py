@@ -1,0 +1,123 @@
+"""The broker's records: slices, executors, leases, clients and queued requests.
+
+Slice state is derived, never stored (``slice_state``), so it cannot disagree with the records
+it is derived from.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from ..slices.model import SliceInfo
+
+FREE, WARMING, LEASED, DRAINING, BROKEN = "free", "warming", "leased", "draining", "broken"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(6).hex()}"
+
+
+@dataclass
+class Request:
+    """What a client asked for: a profile, or a minimum of memory, or anything."""
+
+    profile: str | None = None
+    memory: int | None = None
+
+    def fits(self, info: SliceInfo) -> bool:
+        if self.profile is not None and info.profile != self.profile:
+            return False
+        return self.memory is None or info.memory_total >= self.memory
+
+    def to_json(self) -> dict[str, Any]:
+        return {"profile": self.profile, "memory": self.memory}
+
+
+@dataclass
+class Client:
+    id: str
+    user: str
+    key: bytes
+    admin: bool
+    created: float
+
+
+@dataclass
+class Lease:
+    id: str
+    slice_id: str
+    owner: str
+    client_id: str
+    key: bytes
+    created: float
+    request: Request
+    last_heartbeat: float
+    last_active: float
+    generation: int = 0  # executors the lease has had (a replaced executor bumps it)
+    request_ticket: str = ""  # the acquire ticket it answered: a re-sent acquire finds it
+
+
+@dataclass
+class Executor:
+    """A live executor process and the broker's DEALER to it."""
+
+    id: str
+    slice_id: str
+    endpoint: str
+    control_key: bytes
+    tenant_key: bytes
+    key_lease: str | None  # the lease the tenant key was issued to, None while unissued
+    pid: int = 0
+    start_ticks: int | None = None
+    popen: subprocess.Popen[bytes] | None = None  # None when adopted after a broker restart
+    socket: zmq.Socket | None = None
+    phase: str = "starting"  # starting | ready | rekeying | stopping
+    deadline: float = 0.0
+    started_at: float = field(default_factory=time.time)
+    warm_seconds: float | None = None
+    pending_key: bytes | None = None
+    memory_used: int = 0
+    adopted: bool = False
+
+
+@dataclass
+class SliceRecord:
+    info: SliceInfo
+    drained: bool = False
+    broken: str | None = None  # why, when the slice cannot host an executor
+    failures: int = 0
+    executor_id: str | None = None
+    lease_id: str | None = None
+
+
+@dataclass
+class Ticket:
+    """A queued acquire: answered on ``route`` (the client's latest ZeroMQ identity)."""
+
+    id: str
+    client_id: str
+    user: str
+    request: Request
+    enqueued: float
+    deadline: float | None
+    route: bytes
+    reply_to: bytes
+    last_seen: float
+
+
+def slice_state(record: SliceRecord, executor: Executor | None) -> str:
+    if record.broken:
+        return BROKEN
+    if record.drained:
+        return DRAINING
+    if record.lease_id is not None:
+        return LEASED
+    if executor is not None and executor.phase == "ready" and executor.key_lease is None:
+        return FREE
+    return WARMING

@@ -1,0 +1,1 @@
+"""What travels between processes: signed message envelopes, errors, connection files."""

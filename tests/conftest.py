@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.brokers import BrokerProcess, all_free
+
+IDENTITY = "--Broker.identity_provider_class=tests.support.identity.ClaimedUserIdentity"
+
+
+@pytest.fixture
+def make_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
+    """Start real broker processes (sim backend); every one is stopped at teardown."""
+    started: list[BrokerProcess] = []
+
+    def make(
+        *args: str,
+        layout: str = "H100-80GB:7x1g.10gb",
+        name: str = "state",
+        wait: bool = True,
+        multi_user: bool = False,
+    ) -> BrokerProcess:
+        argv = ["--backend", "sim", "--sim-layout", layout, *args]
+        if multi_user:
+            argv.append(IDENTITY)
+        broker = BrokerProcess(tmp_path / name, argv)
+        started.append(broker)
+        broker.start()
+        if wait:
+            broker.wait_for(all_free)
+        return broker
+
+    yield make
+    for broker in started:
+        broker.stop()

@@ -1,0 +1,1 @@
+"""Test helpers that run inside real broker processes (importable via PYTHONPATH)."""

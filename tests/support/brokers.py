@@ -1,0 +1,136 @@
+"""Real broker processes for tests: started with the CLI, stopped or SIGKILLed for real."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mig_kernel.client import BrokerClient
+from mig_kernel.wire.errors import MigKernelError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class BrokerProcess:
+    def __init__(self, state_dir: Path, args: list[str]) -> None:
+        self.state_dir = state_dir
+        self.args = args
+        self.connection_file = state_dir / "broker.json"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = state_dir.parent / f"{state_dir.name}-broker.log"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        env["JUPYTER_CONFIG_DIR"] = str(self.state_dir.parent / "jupyter-config")
+        env["JUPYTER_CONFIG_PATH"] = ""
+        env.pop("MIG_KERNEL_BROKER", None)
+        return env
+
+    def start(self, timeout: float = 60.0) -> BrokerProcess:
+        with contextlib.suppress(FileNotFoundError):
+            self.connection_file.unlink()
+        cmd = [
+            sys.executable,
+            "-m",
+            "mig_kernel",
+            "broker",
+            "--state-dir",
+            str(self.state_dir),
+            *self.args,
+        ]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env())
+        deadline = time.monotonic() + timeout
+        while not self.connection_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited {self.proc.returncode}: {self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"broker did not start: {self.log.read_text()}")
+            time.sleep(0.02)
+        return self
+
+    def client(self, user: str | None = None) -> BrokerClient:
+        if user is None:
+            return BrokerClient(self.connection_file)
+        return claimed_client(self.connection_file, user)
+
+    def status(self) -> dict[str, Any]:
+        with self.client() as c:
+            return c.status()
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(MigKernelError):
+                last = self.status()
+                if predicate(last):
+                    return last
+            time.sleep(0.05)
+        raise AssertionError(
+            f"condition not reached within {timeout} s; last status: {json.dumps(last)[:2000]}"
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError("broker did not stop within 20 s of SIGTERM") from None
+
+
+def all_free(status: dict[str, Any]) -> bool:
+    return bool(status["slices"]) and all(s["state"] == "free" for s in status["slices"])
+
+
+def count(status: dict[str, Any], state: str) -> int:
+    return sum(1 for s in status["slices"] if s["state"] == state)
+
+
+def claimed_client(connection_file: Path, user: str) -> BrokerClient:
+    """A client whose hello claims ``user`` (only ClaimedUserIdentity brokers believe it)."""
+    import getpass
+
+    real = getpass.getuser
+    getpass.getuser = lambda: user  # type: ignore[assignment]
+    try:
+        return BrokerClient(connection_file)
+    finally:
+        getpass.getuser = real  # type: ignore[assignment]
+
+
+def executor_pids(state_dir: Path) -> dict[str, int]:
+    """slice id -> executor pid, read from the broker's SQLite state."""
+    import sqlite3
+
+    db = sqlite3.connect(str(state_dir / "broker.sqlite"))
+    try:
+        return dict(db.execute("SELECT slice_id, pid FROM executors").fetchall())
+    finally:
+        db.close()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2 :].split()[0] != b"Z"

@@ -36,7 +36,10 @@ class BrokerClient:
         timeout: float = 10.0,
         credentials: tuple[str, bytes] | None = None,
         context: zmq.Context | None = None,
+        claims: dict[str, Any] | None = None,
     ) -> None:
+        """``claims`` go into the hello that opens the session: who the caller says it is,
+        which the broker's identity provider verifies (the OS user by default)."""
         self.info: ConnectionInfo = read_connection_file(connection_file)
         self.connection_file = connection_file
         self.context = context or zmq.Context.instance()
@@ -44,7 +47,13 @@ class BrokerClient:
             self.context, self.info.endpoint, self.info.key_bytes, None, timeout=timeout
         )
         if credentials is None:
-            hello = self.channel.call("hello", {"user": getpass.getuser(), "pid": os.getpid()})
+            try:
+                hello = self.channel.call(
+                    "hello", {"user": getpass.getuser(), "pid": os.getpid(), **(claims or {})}
+                )
+            except BaseException:
+                self.channel.close()
+                raise
             self.client_id: str = hello["client_id"]
             self.session: dict[str, Any] = hello
             credentials = (hello["client_id"], bytes.fromhex(hello["client_key"]))
@@ -259,10 +268,26 @@ class Session:
 
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         """Round trip to the lease's executor, signed with the lease key."""
+        return self._executor_call("ping", {}, timeout)
+
+    def _executor_call(self, msg_type: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One request to the executor; if it does not answer and the broker has replaced it
+        meanwhile (a new generation), the request goes once more to the new one."""
         self._check_held()
         if self._state.get("generation", 0) != self.generation:
             self.refresh()
-        assert self.executor_endpoint is not None
+        try:
+            return self._call_endpoint(msg_type, body, timeout)
+        except ExecutorUnavailable:
+            endpoint = self.executor_endpoint
+            self.refresh()
+            if self.executor_endpoint == endpoint:
+                raise
+            return self._call_endpoint(msg_type, body, timeout)
+
+    def _call_endpoint(self, msg_type: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if self.executor_endpoint is None:
+            raise ExecutorUnavailable(f"lease {self.id} has no executor yet (it is starting)")
         channel = Channel(
             self.broker.context,
             self.executor_endpoint,
@@ -272,7 +297,7 @@ class Session:
             unavailable=ExecutorUnavailable,
         )
         try:
-            return channel.call("ping", {})
+            return channel.call(msg_type, body)
         finally:
             channel.close()
 

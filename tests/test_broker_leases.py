@@ -142,6 +142,9 @@ def test_queue_is_fifo_with_visible_positions_and_cancellable(make_broker) -> No
     assert all(q["holder"].startswith("user-") and not q["mine"] for q in status["queue"])
     give_up.set()  # w2 interrupts its wait at its next keepalive: the queue shrinks
     broker.wait_for(lambda s: len(s["queue"]) == 2)
+    deadline = time.monotonic() + 10
+    while 2 not in positions["w3"] and time.monotonic() < deadline:
+        time.sleep(0.05)  # w3 learns its new place at its next keepalive
     holder.release(lease["id"])
     for thread in threads:
         thread.join(30)

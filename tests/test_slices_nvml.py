@@ -162,12 +162,14 @@ def test_enums_are_not_ids_and_other_enums_are_refused() -> None:
     h = nv.nvmlDeviceGetHandleByIndex(0)
     three = nv.nvmlDeviceGetGpuInstanceProfileInfo(h, nv.NVML_GPU_INSTANCE_PROFILE_3_SLICE)
     assert (nv.NVML_GPU_INSTANCE_PROFILE_3_SLICE, three.id) == (2, 9)
-    for enum in range(nv.NVML_GPU_INSTANCE_PROFILE_COUNT):
-        if enum not in H100_80GB_PROFILES:
-            with pytest.raises(nv.NVMLError_NotSupported):
-                nv.nvmlDeviceGetGpuInstanceProfileInfo(h, enum)
-    with pytest.raises(nv.NVMLError_InvalidArgument):
-        nv.nvmlDeviceGetGpuInstanceProfileInfo(h, nv.NVML_GPU_INSTANCE_PROFILE_COUNT)
+    # As measured on the H100 (driver 580): NotSupported for the other enums it knows,
+    # InvalidArgument from 0x11 (3_SLICE_GFX) on, though pynvml's COUNT is 0x12.
+    for enum in range(nv.NVML_GPU_INSTANCE_PROFILE_COUNT + 2):
+        if enum in H100_80GB_PROFILES:
+            continue
+        expected = nv.NVMLError_NotSupported if enum < 0x11 else nv.NVMLError_InvalidArgument
+        with pytest.raises(expected):
+            nv.nvmlDeviceGetGpuInstanceProfileInfo(h, enum)
     # Creating with the enum instead of the id is a caller bug the fake catches.
     node = FakeNode(gpus=[FakeGpu(mig_mode=1)])
     nv = make_fake_pynvml(node)
@@ -317,7 +319,8 @@ def test_mig_disabled_gpu_is_one_process_slice(inventories: Any) -> None:
     assert s.isolation is Isolation.PROCESS
     assert s.uuid == gpu.uuid == s.gpu_uuid
     assert s.memory_total == H100_80GB_HBM3_MEMORY_TOTAL
-    assert s.memory_limit is None and s.runtime == "cupy" and s.sms == 132
+    assert s.memory_limit is None and s.runtime == "cupy"
+    assert s.sms is None  # NVML has no attributes for a whole GPU (NotSupported, as measured)
     assert s.env == {"CUDA_VISIBLE_DEVICES": gpu.uuid}
     assert inv.memory_used(s) is None  # the executor reports its own use
 
@@ -524,7 +527,7 @@ def test_refusals_before_touching_the_gpu(
 
 def test_refused_while_processes_run(inventories: Any) -> None:
     nv = node_with(
-        FakeGpu(mig_mode=1, processes=[FakeProcess(pid=4242), FakeProcess(pid=17)]),
+        FakeGpu(mig_mode=1, processes=[FakeProcess(pid=4242, usedGpuMemory=MiB), 17]),
         gpu0=seven_small(),
     )
     refusal = _refused(inventories(nv), 0, MIXED)

@@ -20,7 +20,7 @@ from typing import Any
 import zmq
 
 from ..slices.model import SliceInfo
-from ..wire.errors import MigKernelError
+from ..wire.errors import AuthenticationError, MigKernelError
 from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
 from ..wire.messages import Message, decode, encode, refusal_reason
 from ..wire.signing import new_key
@@ -86,6 +86,7 @@ class ExecutorPool:
             runtime=info.runtime,
             memory_limit=info.memory_limit,
             replay_window=self.replay_window,
+            issued_at=time.time(),
         )
         env = dict(os.environ)
         env.update(info.env)
@@ -178,9 +179,8 @@ class ExecutorPool:
         if ex is None:
             return None
         reason = refusal_reason(frames)
-        if reason is not None:
-            log.error("executor %s refused the broker: %s", ex.id, reason)
-            return None
+        if reason is not None:  # keys out of step: this executor is of no use any more
+            return "refused", ex, AuthenticationError(f"executor refused the broker: {reason}")
         try:
             msg = decode(frames, lambda _h: ex.control_key, None)
         except MigKernelError as exc:

@@ -235,6 +235,10 @@ class Broker(LoggingConfigurable):
                 ex = self.pool.adopt(row)
             if ex is None:
                 self.store.delete_executor(row["id"])
+                lease = self.leases.get(record.lease_id or "") if record else None
+                if lease is not None:  # its executor died during the outage: a new one comes
+                    lease.generation += 1
+                    self.store.update_lease_generation(lease)
                 continue
             self._register_executor(ex, record)
             self.log.info("re-adopted executor %s (pid %d) on %s", ex.id, ex.pid, ex.slice_id)
@@ -905,6 +909,8 @@ class Broker(LoggingConfigurable):
     ) -> None:
         if isinstance(reply, E.MigKernelError):
             self.log.error("executor %s answered %s with an error: %s", ex.id, kind, reply)
+            if ex.phase in ("starting", "rekeying") or kind == "refused":
+                self.pool.kill(ex)  # it cannot be trusted with a tenant: replace it
             return
         record = self.slices.get(ex.slice_id)
         if record is None:

@@ -31,7 +31,8 @@ class ExecutorServer:
         self.runtime = runtime
         self.control_key = bytes.fromhex(spec.control_key)
         self.tenant_key = bytes.fromhex(spec.tenant_key)
-        self.guard = ReplayGuard(spec.replay_window)
+        # Not "now": the broker's ready request was sent while we were still warming up.
+        self.guard = ReplayGuard(spec.replay_window, not_before=spec.issued_at or None)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.linger = 1000
         bind_private(self.socket, spec.endpoint)

@@ -35,6 +35,7 @@ class ExecutorSpec:
     runtime: str  # "numpy" or "cupy"
     memory_limit: int | None
     replay_window: float = 30.0
+    issued_at: float = 0.0  # messages stamped earlier are refused (none can be meant for us)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -84,6 +84,11 @@ NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_COUNT = 0x1
 
 NVML_DEVICE_NAME_V2_BUFFER_SIZE = 96
 
+# Driver 580 on the measured H100 knows profile enums below 0x11: it answered NotSupported for
+# 5, 6, 8 and 0xA..0x10 but InvalidArgument for 0x11 (3_SLICE_GFX), although this pynvml's
+# NVML_GPU_INSTANCE_PROFILE_COUNT is 0x12. The fake answers the same.
+DRIVER_PROFILE_ENUM_LIMIT = 0x11
+
 MiB = 1024 * 1024
 H100_80GB_HBM3_MEMORY_TOTAL = 81559 * MiB  # 85520809984 bytes, as the real card reports
 MAX_MIG_DEVICES = 7
@@ -312,14 +317,19 @@ class FakeGpu:
     memory_total: int = H100_80GB_HBM3_MEMORY_TOTAL
     memory_used: int = 0
     root: bool = True  # False: the caller is not privileged (create/destroy/GI lookup refused)
-    processes: list[FakeProcess] = field(default_factory=list)
+    processes: list[FakeProcess] = field(default_factory=list)  # bare pids are accepted too
     mig_capable: bool = True
-    sms: int = 132
     profiles: dict[int, FakeProfile] = field(default_factory=lambda: dict(H100_80GB_PROFILES))
     uuid: str = ""
     index: int = -1
     gpu_instances: dict[int, FakeGpuInstance] = field(default_factory=dict)
     mig_slots: list[FakeMigDevice | None] = field(default_factory=lambda: [None] * MAX_MIG_DEVICES)
+
+    def __post_init__(self) -> None:
+        # A bare pid stands for a process on the whole GPU.
+        self.processes = [
+            p if isinstance(p, FakeProcess) else FakeProcess(pid=p) for p in self.processes
+        ]
 
 
 @dataclass
@@ -496,23 +506,16 @@ class FakeNvml:
     nvmlDeviceGetComputeRunningProcesses_v3 = nvmlDeviceGetComputeRunningProcesses
 
     def nvmlDeviceGetAttributes(self, handle: Any) -> c_nvmlDeviceAttributes:
+        """MIG devices only: the measured H100 (MIG off) answered NotSupported for its GPU."""
         self._enter("nvmlDeviceGetAttributes")
-        if isinstance(handle, FakeMigDevice):
-            ci = self._mig(handle).ci
-            p = ci.gi.profile
-            return c_nvmlDeviceAttributes(
-                multiprocessorCount=p.multiprocessorCount * ci.slices // p.sliceCount,
-                sharedCopyEngineCount=p.copyEngineCount,
-                gpuInstanceSliceCount=p.sliceCount,
-                computeInstanceSliceCount=ci.slices,
-                memorySizeMB=p.memorySizeMB,
-            )
-        gpu = self._gpu(handle)
+        ci = self._mig(handle).ci
+        p = ci.gi.profile
         return c_nvmlDeviceAttributes(
-            multiprocessorCount=gpu.sms,
-            gpuInstanceSliceCount=7,
-            computeInstanceSliceCount=7,
-            memorySizeMB=gpu.memory_total // MiB,
+            multiprocessorCount=p.multiprocessorCount * ci.slices // p.sliceCount,
+            sharedCopyEngineCount=p.copyEngineCount,
+            gpuInstanceSliceCount=p.sliceCount,
+            computeInstanceSliceCount=ci.slices,
+            memorySizeMB=p.memorySizeMB,
         )
 
     nvmlDeviceGetAttributes_v2 = nvmlDeviceGetAttributes
@@ -567,7 +570,7 @@ class FakeNvml:
         gpu = self._gpu(handle)
         if not gpu.mig_capable:
             raise NVMLError_NotSupported()
-        if not 0 <= profile < NVML_GPU_INSTANCE_PROFILE_COUNT:
+        if not 0 <= profile < DRIVER_PROFILE_ENUM_LIMIT:
             raise NVMLError_InvalidArgument()  # an enum newer than this driver knows
         p = gpu.profiles.get(profile)
         if p is None:

@@ -106,14 +106,7 @@ def count(status: dict[str, Any], state: str) -> int:
 
 def claimed_client(connection_file: Path, user: str) -> BrokerClient:
     """A client whose hello claims ``user`` (only ClaimedUserIdentity brokers believe it)."""
-    import getpass
-
-    real = getpass.getuser
-    getpass.getuser = lambda: user  # type: ignore[assignment]
-    try:
-        return BrokerClient(connection_file)
-    finally:
-        getpass.getuser = real  # type: ignore[assignment]
+    return BrokerClient(connection_file, claims={"user": user})
 
 
 def executor_pids(state_dir: Path) -> dict[str, int]:

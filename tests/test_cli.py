@@ -1,0 +1,97 @@
+"""``mig-kernel status``, ``metrics``, ``drain`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cli(broker_file: Path | str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MIG_KERNEL_BROKER=str(broker_file), JUPYTER_CONFIG_PATH="")
+    return subprocess.run(
+        [sys.executable, "-m", "mig_kernel", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_status_table_and_json(make_broker) -> None:
+    broker = make_broker(layout="H100-80GB:3g.40gb,2g.20gb,1g.10gb,1g.10gb")
+    with broker.client() as c:
+        lease = c.acquire("2g.20gb")
+        table = cli(broker.connection_file, "status")
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        assert lines[0].split()[:4] == ["SLICE", "GPU", "PROFILE", "ISOLATION"]
+        row = next(line for line in lines if "2g.20gb" in line)
+        assert "leased" in row and "(you)" in row
+        assert "queue: 0 waiting" in table.stdout
+        data = json.loads(cli(broker.connection_file, "status", "--json").stdout)
+        assert {s["profile"] for s in data["slices"]} == {"3g.40gb", "2g.20gb", "1g.10gb"}
+        assert data["queue"] == []
+        c.release(lease["id"])
+
+
+def test_status_without_a_broker_says_so(tmp_path: Path) -> None:
+    result = cli(tmp_path / "nothing.json", "status")
+    assert result.returncode == 1
+    assert "no broker connection file" in result.stderr
+
+
+def test_metrics_are_prometheus_text(make_broker) -> None:
+    broker = make_broker(layout="H100-80GB:2x1g.10gb")
+    with broker.client() as c:
+        c.release(c.acquire()["id"])
+    text = cli(broker.connection_file, "metrics").stdout
+    for name in (
+        'mig_kernel_slices{state="free"}',
+        "mig_kernel_queue_length",
+        "mig_kernel_grant_latency_seconds_bucket",
+        "mig_kernel_leases_granted_total 1.0",
+        "mig_kernel_leases_released_total 1.0",
+    ):
+        assert name in text
+
+
+def test_drain_undrain_and_usage_errors(make_broker) -> None:
+    broker = make_broker(layout="H100-80GB:2x1g.10gb")
+    assert cli(broker.connection_file, "drain", "gpu0-s0").returncode == 0
+    broker.wait_for(lambda s: any(x["state"] == "draining" for x in s["slices"]))
+    assert cli(broker.connection_file, "undrain", "gpu0-s0").returncode == 0
+    bad = cli(broker.connection_file, "drain")
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    missing = cli(broker.connection_file, "drain", "gpu7-s7")
+    assert missing.returncode == 1 and "no slice 'gpu7-s7'" in missing.stderr
+
+
+def test_apply_layout_on_the_simulated_gpu(make_broker) -> None:
+    broker = make_broker(layout="H100-80GB:7x1g.10gb")
+    refused = cli(broker.connection_file, "apply-layout", "0", "3g.40gb,3g.40gb,1g.10gb")
+    assert refused.returncode == 1 and "1g.10gb" in refused.stderr
+    broker.wait_for(lambda s: sum(x["state"] == "free" for x in s["slices"]) == 7)
+    done = cli(broker.connection_file, "apply-layout", "0", "3g.40gb,2g.20gb,1g.10gb,1g.10gb")
+    assert done.returncode == 0, done.stderr
+    status = broker.wait_for(
+        lambda s: len(s["slices"]) == 4 and all(x["state"] == "free" for x in s["slices"])
+    )
+    assert sorted(x["profile"] for x in status["slices"]) == [
+        "1g.10gb",
+        "1g.10gb",
+        "2g.20gb",
+        "3g.40gb",
+    ]
+
+
+def test_apply_layout_refuses_a_gpu_in_use(make_broker) -> None:
+    broker = make_broker(layout="H100-80GB:7x1g.10gb")
+    with broker.client() as c:
+        lease = c.acquire()
+        result = cli(broker.connection_file, "apply-layout", "0", "7g.80gb")
+        assert result.returncode == 1 and "in use" in result.stderr
+        assert c.heartbeat([lease["id"]])[lease["id"]]["state"] == "active"
+        c.release(lease["id"])

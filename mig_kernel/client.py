@@ -21,7 +21,13 @@ import zmq
 
 from .channel import Channel
 from .wire.connection import ConnectionInfo, read_connection_file
-from .wire.errors import AcquireTimeout, ExecutorUnavailable, LeaseEnded, MigKernelError
+from .wire.errors import (
+    AcquireTimeout,
+    BrokerUnavailable,
+    ExecutorUnavailable,
+    LeaseEnded,
+    MigKernelError,
+)
 
 QueuedCallback = Callable[[int, int], None]  # (position, queue length)
 
@@ -115,22 +121,17 @@ class BrokerClient:
                     turn_end = time.monotonic() + keepalive
                     if deadline is not None:
                         turn_end = min(turn_end, deadline)
-                    try:
-                        reply = channel.receive(lambda m: m.re in sent, turn_end + 0.05).body
-                    except MigKernelError as exc:
-                        if exc.code != "broker_unavailable":
-                            raise
-                        reply = None  # no answer this turn: the keepalive re-sends
-                    if reply is not None and reply.get("status") == "granted":
-                        return reply["lease"]
-                    if reply is not None and on_queued is not None:
-                        on_queued(int(reply["position"]), int(reply["queue_length"]))
+                    while True:  # listen until the grant comes or the turn ends
+                        try:
+                            reply = channel.receive(lambda m: m.re in sent, turn_end).body
+                        except BrokerUnavailable:
+                            break  # the turn is over: send the keepalive
+                        if reply.get("status") == "granted":
+                            return reply["lease"]
+                        if on_queued is not None:
+                            on_queued(int(reply["position"]), int(reply["queue_length"]))
                     if deadline is not None and time.monotonic() >= deadline:
                         raise AcquireTimeout(f"no slice granted within {timeout:g} s")
-                    if reply is not None:
-                        remaining = turn_end - time.monotonic()
-                        if remaining > 0:
-                            time.sleep(remaining)
             except BaseException:
                 self._cancel(ticket)
                 raise

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.brokers import BrokerProcess, all_free
+from mig_kernel.testing import BrokerProcess, all_free
 
+REPO = Path(__file__).resolve().parents[1]
 IDENTITY = "--Broker.identity_provider_class=tests.support.identity.ClaimedUserIdentity"
 
 
@@ -25,7 +26,7 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
         argv = ["--backend", "sim", "--sim-layout", layout, *args]
         if multi_user:
             argv.append(IDENTITY)
-        broker = BrokerProcess(tmp_path / name, argv)
+        broker = BrokerProcess(tmp_path / name, argv, pythonpath=(str(REPO),))
         started.append(broker)
         broker.start()
         if wait:

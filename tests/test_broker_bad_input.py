@@ -10,10 +10,10 @@ import msgpack
 import pytest
 import zmq
 
+from mig_kernel.testing import count
 from mig_kernel.wire import errors as E
 from mig_kernel.wire.connection import read_connection_file
 from mig_kernel.wire.messages import encode, refusal_reason
-from tests.support.brokers import count
 
 
 @pytest.fixture

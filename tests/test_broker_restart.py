@@ -13,8 +13,8 @@ import time
 import pytest
 
 import mig_kernel
+from mig_kernel.testing import all_free, count, executor_pids, pid_alive
 from mig_kernel.wire import errors as E
-from tests.support.brokers import all_free, count, executor_pids, pid_alive
 
 
 def test_sigkill_and_restart_keeps_leases_and_adopts_executors(make_broker) -> None:

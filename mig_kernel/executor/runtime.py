@@ -51,6 +51,7 @@ def _warm_cupy(memory_limit: int | None) -> tuple[ModuleType, dict[str, Any]]:
         "multiprocessors": props["multiProcessorCount"],
         "memory_total": int(total),
         "memory_free": int(free),
+        "pool_limit": int(cupy.get_default_memory_pool().get_limit()),
     }
 
 

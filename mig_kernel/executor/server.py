@@ -115,6 +115,10 @@ class ExecutorServer:
             "pid": os.getpid(),
             "slice": self.spec.slice.get("id"),
             "runtime": self.runtime.name,
+            "warm_seconds": self.runtime.warm_seconds,
+            "device": self.runtime.device,
+            "memory_limit": self.spec.memory_limit,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
 

@@ -1,4 +1,5 @@
-"""Real broker processes for tests: started with the CLI, stopped or SIGKILLed for real."""
+"""Real broker processes for tests and benchmarks: started with the CLI, stopped or SIGKILLed
+for real, and small readers of their state."""
 
 from __future__ import annotations
 
@@ -12,23 +13,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mig_kernel.client import BrokerClient
-from mig_kernel.wire.errors import MigKernelError
-
-REPO = Path(__file__).resolve().parents[2]
+from .client import BrokerClient
+from .wire.errors import MigKernelError
 
 
 class BrokerProcess:
-    def __init__(self, state_dir: Path, args: list[str]) -> None:
+    def __init__(self, state_dir: Path, args: list[str], pythonpath: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
         self.args = args
+        self.pythonpath = pythonpath  # extra import paths (test identity providers)
         self.connection_file = state_dir / "broker.json"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state_dir.parent / f"{state_dir.name}-broker.log"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")])
         env["JUPYTER_CONFIG_DIR"] = str(self.state_dir.parent / "jupyter-config")
         env["JUPYTER_CONFIG_PATH"] = ""
         env.pop("MIG_KERNEL_BROKER", None)

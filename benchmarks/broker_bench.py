@@ -79,8 +79,9 @@ def bench_grant_latency(tmp: Path, pairs: int) -> dict[str, Any]:
         broker.stop()
 
 
-def _client_worker(connection_file: str, clients: int, duration: float, start_at: float,
-                   out: Any) -> None:
+def _client_worker(
+    connection_file: str, clients: int, duration: float, start_at: float, out: Any
+) -> None:
     """One process driving ``clients`` threads, each looping acquire(wait=True) + release."""
     counts = [0] * clients
     errors = [0] * clients
@@ -106,14 +107,16 @@ def _client_worker(connection_file: str, clients: int, duration: float, start_at
     out.put((sum(counts), sum(errors)))
 
 
-def bench_throughput(tmp: Path, name: str, layout: str, clients: int, processes: int,
-                     duration: float) -> dict[str, Any]:
+def bench_throughput(
+    tmp: Path, name: str, layout: str, clients: int, processes: int, duration: float
+) -> dict[str, Any]:
     broker = start(tmp, name, layout, f"--Broker.per_user_limit={clients}")
     try:
         queue: multiprocessing.Queue = multiprocessing.Queue()
         start_at = time.time() + 2.0
-        per = [clients // processes + (1 if i < clients % processes else 0)
-               for i in range(processes)]
+        per = [
+            clients // processes + (1 if i < clients % processes else 0) for i in range(processes)
+        ]
         procs = [
             multiprocessing.Process(
                 target=_client_worker,
@@ -172,8 +175,9 @@ def machine() -> dict[str, Any]:
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     return {

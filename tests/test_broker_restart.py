@@ -92,6 +92,7 @@ def test_random_concurrent_acquire_release_and_kills_never_double_grant(make_bro
     lock = threading.Lock()
     holders: dict[str, str] = {}  # slice id -> lease id, as the clients see it
     violations: list[str] = []
+    uncertain: list[str] = []  # acquires whose outcome the client could not learn
     stop_at = time.monotonic() + 20
     profiles = [None, "1g.10gb", "2g.20gb", "3g.40gb"]
 
@@ -103,9 +104,9 @@ def test_random_concurrent_acquire_release_and_kills_never_double_grant(make_bro
                 try:
                     if mine and r.random() < 0.5:
                         lease = mine.pop(r.randrange(len(mine)))
-                        release_definitively(c, lease["id"])
-                        with lock:
+                        with lock:  # from here on the slice may legitimately go to another
                             holders.pop(lease["slice"]["id"], None)
+                        release_definitively(c, lease["id"])
                     else:
                         lease = c.acquire(r.choice(profiles), wait=r.random() < 0.5, timeout=2)
                         with lock:
@@ -116,12 +117,16 @@ def test_random_concurrent_acquire_release_and_kills_never_double_grant(make_bro
                                 )
                             holders[lease["slice"]["id"]] = lease["id"]
                         mine.append(lease)
-                except E.MigKernelError:
-                    time.sleep(0.05)  # no capacity, quota, timeout, broker down: all expected
+                except (E.NoCapacity, E.QuotaExceeded):
+                    time.sleep(0.02)
+                except E.MigKernelError:  # timed out or broker down: a grant may be unseen
+                    with lock:
+                        uncertain.append(user)
+                    time.sleep(0.05)
             for lease in mine:
-                release_definitively(c, lease["id"])
                 with lock:
                     holders.pop(lease["slice"]["id"], None)
+                release_definitively(c, lease["id"])
 
     def chaos() -> None:
         while time.monotonic() < stop_at - 4:
@@ -150,7 +155,10 @@ def test_random_concurrent_acquire_release_and_kills_never_double_grant(make_bro
     db.close()
     assert doubles == []
     assert total > 50  # the load really ran
-    broker.wait_for(lambda s: count(s, "leased") == 0 and s["queue"] == [], timeout=30)
+    # A client whose acquire timed out while the broker was down may leave a lease it never
+    # learned of (heartbeat loss reclaims those in real use); nothing else may stay.
+    status = broker.wait_for(lambda s: s["queue"] == [], timeout=30)
+    assert count(status, "leased") <= len(uncertain)
 
 
 def release_definitively(client, lease_id: str) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,7 +259,7 @@ class Broker(LoggingConfigurable):
                 record = SliceRecord(info)
                 self.slices[info.id] = record
             else:
-                record.info = info
+                record.info, record._public = info, None
             self.store.save_slice(record)
         self.dirty = True
 
@@ -544,17 +545,26 @@ class Broker(LoggingConfigurable):
             parts.append(f"{request.memory / 2**30:.2f} GiB of memory")
         return " and ".join(parts) or "any request"
 
+    def _free_slices(self) -> list[SliceRecord]:
+        return [
+            record
+            for record in self.slices.values()
+            if record.lease_id is None  # the cheap test first: under load most are leased
+            and record.executor_id is not None
+            and slice_state(record, self.executors.get(record.executor_id)) == FREE
+        ]
+
+    @staticmethod
+    def _best_fit(request: Request, candidates: list[SliceRecord]) -> SliceRecord | None:
+        """The smallest candidate (memory, then SMs) that satisfies the request."""
+        return min(
+            (r for r in candidates if request.fits(r.info)),
+            key=lambda r: (r.info.memory_total, r.info.sms or 0, r.info.id),
+            default=None,
+        )
+
     def _best_free(self, request: Request) -> SliceRecord | None:
-        best = None
-        for record in self.slices.values():
-            if not request.fits(record.info):
-                continue
-            if slice_state(record, self.executors.get(record.executor_id or "")) != FREE:
-                continue
-            key = (record.info.memory_total, record.info.sms or 0, record.info.id)
-            if best is None or key < best[0]:
-                best = (key, record)
-        return best[1] if best else None
+        return self._best_fit(request, self._free_slices())
 
     def _grant(self, record: SliceRecord, client: Client, request: Request, ticket: str) -> Lease:
         ex = self.executors[record.executor_id or ""]
@@ -583,11 +593,9 @@ class Broker(LoggingConfigurable):
     def _lease_json(self, lease: Lease) -> dict[str, Any]:
         record = self.slices[lease.slice_id]
         ex = self.executors.get(record.executor_id or "")
-        info = record.info.to_json()
-        info.pop("env", None)
         return {
             "id": lease.id,
-            "slice": info,
+            "slice": record.public_json(),
             "executor": {"endpoint": ex.endpoint if ex else None, "generation": lease.generation},
             "key": lease.key.hex(),
             "owner": lease.owner,
@@ -1009,17 +1017,24 @@ class Broker(LoggingConfigurable):
 
     def _drain_queue(self) -> None:
         """Grant queued requests, oldest first, while free slices fit them."""
+        free = self._free_slices() if self.queue else []
+        if not free:
+            return
+        held = Counter(lease.owner for lease in self.leases.values())
         for ticket in list(self.queue):
-            held = sum(1 for lease in self.leases.values() if lease.owner == ticket.user)
-            if held >= self.per_user_limit:
+            if not free:
+                break
+            if held[ticket.user] >= self.per_user_limit:
                 continue
-            record = self._best_free(ticket.request)
+            record = self._best_fit(ticket.request, free)
             if record is None:
                 continue
-            client = self.clients.get(ticket.client_id)
             self.queue.remove(ticket)
+            client = self.clients.get(ticket.client_id)
             if client is None:
                 continue
+            free.remove(record)
+            held[ticket.user] += 1
             lease = self._grant(record, client, ticket.request, ticket.id)
             self.metrics.grant_latency.observe(time.time() - ticket.enqueued)
             self._reply(
@@ -1028,11 +1043,3 @@ class Broker(LoggingConfigurable):
                 client.key,
                 {"status": "granted", "lease": self._lease_json(lease)},
             )
-
-
-def state_counts(status: dict[str, Any]) -> dict[str, int]:
-    """Slices per state in a status reply (for people and tests)."""
-    counts: dict[str, int] = {}
-    for entry in status["slices"]:
-        counts[entry["state"]] = counts.get(entry["state"], 0) + 1
-    return counts

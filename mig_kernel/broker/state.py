@@ -94,6 +94,15 @@ class SliceRecord:
     failures: int = 0
     executor_id: str | None = None
     lease_id: str | None = None
+    _public: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    def public_json(self) -> dict[str, Any]:
+        """The slice as clients see it (no executor environment); cached, it is on every grant."""
+        if self._public is None:
+            public = self.info.to_json()
+            public.pop("env", None)
+            self._public = public
+        return self._public
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -95,3 +96,25 @@ def test_apply_layout_refuses_a_gpu_in_use(make_broker) -> None:
         assert result.returncode == 1 and "in use" in result.stderr
         assert c.heartbeat([lease["id"]])[lease["id"]]["state"] == "active"
         c.release(lease["id"])
+
+
+def test_metrics_can_be_scraped_over_http(make_broker) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    broker = make_broker(f"--Broker.metrics_port={port}", layout="H100-80GB:2x1g.10gb")
+    with broker.client() as c:
+        c.release(c.acquire()["id"])
+    broker.wait_for(lambda s: all(x["state"] == "free" for x in s["slices"]))
+    deadline = time.monotonic() + 5  # gauges follow state changes within publish_interval
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        if 'mig_kernel_slices{state="free"} 2.0' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert 'mig_kernel_slices{state="free"} 2.0' in text
+    assert "mig_kernel_leases_granted_total 1.0" in text

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from prometheus_client import start_http_server
 from traitlets import Float, Int, Type, Unicode
 from traitlets.config import LoggingConfigurable
 
@@ -113,6 +114,11 @@ class Broker(LoggingConfigurable):
         0.2, help="Minimum seconds between two state publications on the watch stream."
     ).tag(config=True)
     lease_history = Int(10000, help="Ended leases kept in the state database.").tag(config=True)
+    metrics_port = Int(
+        0,
+        help="Serve Prometheus metrics over HTTP on 127.0.0.1:PORT for scraping (0: off; the "
+        "`metrics` request and `mig-kernel metrics` work either way).",
+    ).tag(config=True)
     identity_provider_class = Type(
         LocalUserIdentity, klass=IdentityProvider, help="Who callers are (see identity.py)."
     ).tag(config=True)
@@ -132,6 +138,7 @@ class Broker(LoggingConfigurable):
         self.stopping = False
         self._timers: dict[str, float] = {}
         self._lockfile: Any = None
+        self._metrics_server: Any = None
 
     # ================================================================== lifecycle
     def start(self) -> None:
@@ -167,6 +174,10 @@ class Broker(LoggingConfigurable):
         )
         self._restore()
         self.store.commit()
+        if self.metrics_port:
+            self._metrics_server = start_http_server(
+                self.metrics_port, addr="127.0.0.1", registry=self.metrics.registry
+            )
         write_connection_file(
             self.state_path / CONNECTION_FILE,
             ConnectionInfo(
@@ -314,6 +325,8 @@ class Broker(LoggingConfigurable):
         self.store.close()
         with contextlib.suppress(FileNotFoundError):
             (self.state_path / CONNECTION_FILE).unlink()
+        if self._metrics_server is not None:
+            self._metrics_server[0].shutdown()
         self.router.close(linger=0)
         self.pub.close(linger=0)
         self.context.term()

@@ -17,9 +17,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import zmq
 
 from .channel import Channel
+from .remote import ExecutorConnection, Invocation, RemoteArray, RemoteObject
+from .wire.arena import Arena
 from .wire.connection import ConnectionInfo, read_connection_file
 from .wire.errors import (
     AcquireTimeout,
@@ -208,6 +211,8 @@ class Session:
         self._apply_lease(lease)
         self.released = False
         self._state: dict[str, Any] = {"ended": None, "generation": self.generation}
+        self._arena = Arena(self.id.removeprefix("L-"))
+        self._conn: ExecutorConnection | None = None
         self._stop = threading.Event()
         interval = float(lease.get("heartbeat_interval", 5.0))
         self._thread = threading.Thread(
@@ -225,6 +230,7 @@ class Session:
         self.slice: dict[str, Any] = lease["slice"]
         self.key = bytes.fromhex(lease["key"])
         self.executor_endpoint: str | None = lease["executor"]["endpoint"]
+        self.executor_pid: int | None = lease["executor"].get("pid")
         self.generation: int = lease["executor"]["generation"]
 
     # -- what the user sees -------------------------------------------------------------
@@ -302,6 +308,104 @@ class Session:
         finally:
             channel.close()
 
+    # -- data plane -----------------------------------------------------------------------
+    def _executor_gone(self) -> str | None:
+        if self.ended:
+            return f"the lease was ended by the broker ({self.ended})"
+        if self._state.get("generation", 0) != self.generation:
+            return "the broker replaced the executor"
+        return None
+
+    def _connection(self) -> ExecutorConnection:
+        self._check_held()
+        if self._state.get("generation", 0) != self.generation or self.executor_endpoint is None:
+            self.refresh()
+        conn = self._conn
+        if conn is None or conn.generation != self.generation or conn.lost:
+            if conn is not None:
+                conn.close()
+            if self.executor_endpoint is None:
+                raise ExecutorUnavailable(f"lease {self.id} has no executor yet (it is starting)")
+            conn = ExecutorConnection(
+                self.broker.context,
+                self.executor_endpoint,
+                self.key,
+                self.id,
+                self.executor_pid,
+                self.generation,
+                self._arena,
+                self._executor_gone,
+            )
+            self._conn = conn
+        return conn
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        to_host: bool = False,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Invocation:
+        """Start ``fn(*args, **kwargs)`` on the slice and return its future; several may be in
+        flight (the executor stages the inputs of the next while the current one computes)."""
+        if not callable(fn):
+            raise TypeError(f"run/submit needs a function, got {type(fn).__name__}")
+        return self._connection().submit("invoke", (fn, args, kwargs), {}, to_host, timeout)
+
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        to_host: bool = False,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``fn`` on the slice. Device arrays in the result come back as RemoteArray (numpy
+        with ``to_host=True``); inside ``fn``, ``xp`` is the slice's array module."""
+        return self.submit(fn, *args, to_host=to_host, timeout=timeout, **kwargs).result()
+
+    # Call-level remoting, as the original system remotes CUDA calls.
+    def put(self, array: np.ndarray) -> RemoteArray:
+        """Copy a host array to the slice."""
+        return (
+            self._connection()
+            .submit("call", (np.asarray(array),), {"op": "put"}, False, None)
+            .result()
+        )
+
+    def alloc(self, shape: int | tuple[int, ...], dtype: Any = "float32") -> RemoteArray:
+        """A zero-filled device array on the slice."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return (
+            self._connection()
+            .submit("call", (shape, np.dtype(dtype).str), {"op": "alloc"}, False, None)
+            .result()
+        )
+
+    def get(self, array: RemoteArray) -> np.ndarray:
+        return array.get()
+
+    def free(self, array: RemoteArray | RemoteObject) -> None:
+        array.free()
+
+    def launch(
+        self,
+        source: str,
+        name: str,
+        grid: tuple[int, ...],
+        block: tuple[int, ...],
+        args: tuple[Any, ...],
+    ) -> None:
+        """Compile (once per executor) and launch a CUDA C kernel; GPU slices only."""
+        self._connection().submit(
+            "call",
+            (source, name, tuple(grid), tuple(block), tuple(args)),
+            {"op": "launch"},
+            False,
+            None,
+        ).result()
+
     # -- ending --------------------------------------------------------------------------
     def release(self) -> None:
         """Give the slice back. A second release raises LeaseEnded."""
@@ -310,6 +414,9 @@ class Session:
         self.released = True
         self._stop.set()
         _open_sessions.discard(self)
+        if self._conn is not None:
+            self._conn.close()
+        self._arena.close()
         try:
             self.broker.release(self.id)
         finally:

@@ -609,7 +609,11 @@ class Broker(LoggingConfigurable):
         return {
             "id": lease.id,
             "slice": record.public_json(),
-            "executor": {"endpoint": ex.endpoint if ex else None, "generation": lease.generation},
+            "executor": {
+                "endpoint": ex.endpoint if ex else None,
+                "pid": ex.pid if ex else None,
+                "generation": lease.generation,
+            },
             "key": lease.key.hex(),
             "owner": lease.owner,
             "created": lease.created,

@@ -16,10 +16,11 @@ from typing import Any
 import zmq
 
 from ..wire.connection import bind_private
-from ..wire.errors import AuthenticationError, MigKernelError, UnknownRequest
+from ..wire.errors import AuthenticationError, BadRequest, MigKernelError, UnknownRequest
 from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
 from ..wire.messages import Message, decode, encode, error_body, handler_name, refusal
 from ..wire.signing import ReplayGuard
+from .dataplane import OUTBOX, DataPlane, Job
 from .runtime import Runtime, warm_start
 
 log = logging.getLogger("mig_kernel.executor")
@@ -40,6 +41,10 @@ class ExecutorServer:
         self.touched = False  # any tenant request at all: the executor is no longer pristine
         self.last_active = time.time()
         self.running = True
+        self.outbox = context.socket(zmq.PULL)
+        self.outbox.linger = 0
+        self.outbox.bind(OUTBOX)
+        self.dataplane = DataPlane(runtime, context, spec.memory_limit)
 
     # -- keys --------------------------------------------------------------------------
     def _key_for(self, header: dict[str, Any]) -> bytes | None:
@@ -47,11 +52,50 @@ class ExecutorServer:
 
     # -- loop --------------------------------------------------------------------------
     def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
         while self.running:
-            frames = self.socket.recv_multipart(copy=True)
-            route, frames = frames[0], frames[1:]
-            self._handle(route, frames)
+            events = dict(poller.poll(100))
+            if self.outbox in events:
+                while True:
+                    try:
+                        route, kind, body, data = self.outbox.recv_pyobj(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._send(route, kind, body, self.tenant_key, None, data)
+            if self.socket in events:
+                frames = self.socket.recv_multipart(copy=True)
+                self._handle(frames[0], frames[1:])
+            self._check_deadline()
+        self.dataplane.stop()
+        self.outbox.close()
         self.socket.close()
+
+    def _check_deadline(self) -> None:
+        """A call past its timeout cannot be stopped inside Python: the caller is told, and the
+        executor exits so the broker replaces it (the lease keeps its slice)."""
+        running = self.dataplane.running
+        if running is None or time.time() <= running[2]:
+            return
+        call_id, route, _ = running
+        self._send(
+            route,
+            "error",
+            {
+                "call_id": call_id,
+                "type": "TimeoutError",
+                "module": "builtins",
+                "message": "the call exceeded its timeout; the executor was stopped and is being "
+                "replaced, and this lease's device arrays are lost",
+                "traceback": "",
+            },
+            self.tenant_key,
+            None,
+        )
+        log.error("call %s timed out; exiting so the broker replaces this executor", call_id)
+        self.socket.close(linger=1000)
+        os._exit(70)
 
     def _handle(self, route: bytes, frames: list[bytes]) -> None:
         msg: Message | None = None
@@ -67,8 +111,9 @@ class ExecutorServer:
                 self.touched = True
                 self.served += 1
                 self.last_active = time.time()
-            body = method(msg)
-            self._send(route, "reply", body, key, msg.id)
+            body = method(msg, route)
+            if body is not None:
+                self._send(route, "reply", body, key, msg.id)
         except AuthenticationError as exc:
             # We cannot sign for a key we do not share; answer unsigned so the peer learns why.
             self.socket.send_multipart([route, *refusal(str(exc))])
@@ -78,11 +123,14 @@ class ExecutorServer:
             log.exception("request failed")
             self._send(route, "error", error_body(exc), key, msg.id if msg else None)
 
-    def _send(self, route: bytes, kind: str, body: dict, key: bytes, re: bytes | None) -> None:
-        self.socket.send_multipart([route, *encode(kind, body, key, sender="executor", re=re)])
+    def _send(
+        self, route: bytes, kind: str, body: dict, key: bytes, re: bytes | None, data: bytes = b""
+    ) -> None:
+        frames = encode(kind, body, key, sender="executor", re=re, payload=[data] if data else ())
+        self.socket.send_multipart([route, *frames])
 
     # -- control requests ----------------------------------------------------------------
-    def control_ready(self, msg: Message) -> dict[str, Any]:
+    def control_ready(self, msg: Message, route: bytes) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
             "executor_id": self.spec.executor_id,
@@ -91,26 +139,29 @@ class ExecutorServer:
             "device": self.runtime.device,
         }
 
-    def control_rekey(self, msg: Message) -> dict[str, Any]:
+    def control_rekey(self, msg: Message, route: bytes) -> dict[str, Any]:
         if self.touched:
             self.running = False  # it served a tenant: never reused for the next one
             return {"pristine": False}
         self.tenant_key = bytes.fromhex(msg.body["key"])
         return {"pristine": True}
 
-    def control_stats(self, msg: Message) -> dict[str, Any]:
+    def control_stats(self, msg: Message, route: bytes) -> dict[str, Any]:
+        busy = self.dataplane.running is not None
         return {
-            "last_active": self.last_active,
+            "last_active": time.time()
+            if busy
+            else max(self.last_active, self.dataplane.last_active),
             "served": self.served,
-            "memory_used": self.runtime.memory_used(),
+            "memory_used": self.dataplane.memory_used(),
         }
 
-    def control_shutdown(self, msg: Message) -> dict[str, Any]:
+    def control_shutdown(self, msg: Message, route: bytes) -> dict[str, Any]:
         self.running = False
         return {}
 
     # -- tenant requests -----------------------------------------------------------------
-    def tenant_ping(self, msg: Message) -> dict[str, Any]:
+    def tenant_ping(self, msg: Message, route: bytes) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
             "slice": self.spec.slice.get("id"),
@@ -120,6 +171,41 @@ class ExecutorServer:
             "memory_limit": self.spec.memory_limit,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
+
+    # -- data plane: queued to the stager/runner threads, answered from there ---------------
+    def _job(self, kind: str, msg: Message, route: bytes, needs_payload: bool) -> Job:
+        call_id = msg.body.get("call_id")
+        if not isinstance(call_id, str):
+            raise BadRequest("field 'call_id' is required")
+        timeout = msg.body.get("timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise BadRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if needs_payload and len(msg.payload) != 1:
+            raise BadRequest("an invocation carries exactly one pickled payload frame")
+        return Job(kind, route, call_id, msg.body, msg.payload[0] if needs_payload else b"")
+
+    def tenant_invoke(self, msg: Message, route: bytes) -> None:
+        self.dataplane.stage_q.put(self._job("invoke", msg, route, True))
+
+    def tenant_call(self, msg: Message, route: bytes) -> None:
+        if msg.body.get("op") not in ("alloc", "put", "launch"):
+            raise BadRequest(f"unknown call {msg.body.get('op')!r}: expected alloc, put or launch")
+        self.dataplane.stage_q.put(self._job("call", msg, route, True))
+
+    def tenant_fetch(self, msg: Message, route: bytes) -> None:
+        items = msg.body.get("items")
+        if not isinstance(items, list) or not all(
+            isinstance(i, list) and len(i) == 4 for i in items
+        ):
+            raise BadRequest("fetch needs items [[handle, segment, offset, nbytes], ...]")
+        self.dataplane.stage_q.put(self._job("fetch", msg, route, False))
+
+    def tenant_free(self, msg: Message, route: bytes) -> dict[str, Any]:
+        ids = msg.body.get("ids")
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise BadRequest("free needs ids: [int, ...]")
+        self.dataplane.free(ids)
+        return {"freed": len(ids)}
 
 
 def main() -> int:

@@ -1,0 +1,444 @@
+"""The client side of the data plane: invocations, their futures, and handles to data that
+stays on the slice.
+
+One ``ExecutorConnection`` per Session: a DEALER to the lease's executor and the lease's arena.
+There is no background thread: whoever waits for a result receives for everyone (under the
+connection's lock), resolving other calls' futures and printing streamed output as it arrives.
+While waiting it checks every quarter second that the executor process still exists, so a
+dead executor is reported within a second instead of after the call's timeout.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .wire import payload
+from .wire.arena import Arena, Region
+from .wire.errors import (
+    AuthenticationError,
+    ExecutorUnavailable,
+    MigKernelError,
+    error_from_code,
+)
+from .wire.messages import decode, encode, refusal_reason
+
+POLL_SLICE = 0.25  # seconds between executor liveness checks while waiting
+
+
+class ExecutorLost(ExecutorUnavailable):
+    """The executor died (killed, crashed, timed out): this lease's device data is gone."""
+
+    code = "executor_lost"
+
+
+class RemoteError(Exception):
+    """An exception raised by the function on the slice whose type could not be rebuilt here."""
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+
+
+class RemoteArray:
+    """A device array that stays on the slice. Shape, dtype and size are known here; ``get()``
+    copies it to the host; passing it to a later call moves no data."""
+
+    def __init__(
+        self,
+        conn: ExecutorConnection,
+        handle: int,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        nbytes: int,
+    ) -> None:
+        self._conn = conn
+        self.handle = handle
+        self.generation = conn.generation
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(nbytes)
+        self._finalizer = weakref.finalize(self, conn.release_handle, handle, conn.generation)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def get(self) -> np.ndarray:
+        """A host (numpy) copy of the array."""
+        return self._conn.fetch([self])[0]
+
+    def free(self) -> None:
+        """Free the device memory now (otherwise it is freed when this handle is collected)."""
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        return f"RemoteArray(shape={self.shape}, dtype={self.dtype}, handle={self.handle})"
+
+
+class RemoteObject:
+    """Any other object that lives on the slice (a PyTorch model or tensor, a CuPy plan)."""
+
+    def __init__(self, conn: ExecutorConnection, handle: int, type_name: str) -> None:
+        self._conn = conn
+        self.handle = handle
+        self.generation = conn.generation
+        self.type_name = type_name
+        self._finalizer = weakref.finalize(self, conn.release_handle, handle, conn.generation)
+
+    def free(self) -> None:
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        return f"RemoteObject({self.type_name}, handle={self.handle})"
+
+
+class Invocation:
+    """The future of one call on the slice (``Session.submit``)."""
+
+    def __init__(
+        self,
+        conn: ExecutorConnection,
+        call_id: str,
+        to_host: bool,
+        regions: list[Region],
+        timeout: float | None,
+    ) -> None:
+        self._conn = conn
+        self.call_id = call_id
+        self.to_host = to_host
+        self.regions = regions
+        self.timeout = timeout
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _resolve(self, value: Any = None, error: BaseException | None = None) -> None:
+        self._value, self._error = value, error
+        for region in self.regions:
+            self._conn.arena.free(region)
+        self.regions = []
+        self._done.set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the call; raises its exception (with the remote traceback attached)."""
+        limit = (
+            timeout
+            if timeout is not None
+            else (self.timeout + 30.0 if self.timeout is not None else None)
+        )
+        self._conn.wait_for(self, limit)
+        if self._error is not None:
+            raise self._error
+        if self.to_host:
+            return self._conn.to_host(self._value)
+        return self._value
+
+
+class ExecutorConnection:
+    def __init__(
+        self,
+        context: zmq.Context,
+        endpoint: str,
+        key: bytes,
+        lease_id: str,
+        pid: int | None,
+        generation: int,
+        arena: Arena,
+        executor_gone: Callable[[], str | None],
+    ) -> None:
+        self.endpoint = endpoint
+        self.key = key
+        self.lease_id = lease_id
+        self.pid = pid
+        self.generation = generation
+        self.arena = arena
+        self.executor_gone = executor_gone  # why the executor is gone per the broker, or None
+        self.lock = threading.RLock()
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.linger = 0
+        self.socket.connect(endpoint)
+        self.pending: dict[str, Invocation] = {}
+        self.replies: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.to_free: list[int] = []
+        self.lost: str | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.socket.close(linger=0)
+
+    # ---------------------------------------------------------------- sending
+    def _send(self, msg_type: str, body: dict[str, Any], data: bytes = b"") -> None:
+        if self.lost:
+            raise ExecutorLost(self.lost)
+        frames = encode(
+            msg_type, body, self.key, sender=self.lease_id, payload=[data] if data else ()
+        )
+        self.socket.send_multipart(frames)
+
+    def release_handle(self, handle: int, generation: int) -> None:
+        """Called when a handle is collected: freed with the next request (no round trip)."""
+        if generation == self.generation and not self.closed:
+            self.to_free.append(handle)
+
+    def _flush_frees(self) -> None:
+        if self.to_free:
+            ids, self.to_free = self.to_free, []
+            self._send("free", {"call_id": f"free-{os.urandom(4).hex()}", "ids": ids})
+
+    def _pickle_hook(self, regions: list[Region]) -> Callable[[Any], tuple[Any, ...] | None]:
+        def hook(obj: Any) -> tuple[Any, ...] | None:
+            if isinstance(obj, np.ndarray) and obj.dtype != object:
+                region = self.arena.write(obj)
+                regions.append(region)
+                return ("arr", region.segment, region.offset, region.nbytes, obj.dtype, obj.shape)
+            if isinstance(obj, (RemoteArray, RemoteObject)):
+                if obj._conn is not self or obj.generation != self.generation:
+                    raise ExecutorLost(
+                        f"{obj!r} belongs to an executor that is gone (or another lease): its "
+                        "data was lost"
+                    )
+                return ("h", obj.handle)
+            return None
+
+        return hook
+
+    def submit(
+        self, msg_type: str, obj: Any, body: dict[str, Any], to_host: bool, timeout: float | None
+    ) -> Invocation:
+        regions: list[Region] = []
+        call_id = os.urandom(8).hex()
+        try:
+            data = payload.dumps(obj, self._pickle_hook(regions))
+        except BaseException:
+            for region in regions:
+                self.arena.free(region)
+            raise
+        invocation = Invocation(self, call_id, to_host, regions, timeout)
+        with self.lock:
+            self._flush_frees()
+            self.pending[call_id] = invocation
+            try:
+                self._send(msg_type, {"call_id": call_id, "timeout": timeout, **body}, data)
+            except BaseException:
+                self.pending.pop(call_id, None)
+                invocation._resolve(error=ExecutorLost(self.lost or "send failed"))
+                raise
+        return invocation
+
+    # ---------------------------------------------------------------- receiving
+    def wait_for(self, invocation: Invocation, timeout: float | None) -> None:
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        while not invocation.done():
+            with self.lock:
+                if invocation.done():
+                    return
+                self._receive_some(POLL_SLICE)
+            if deadline is not None and time.monotonic() > deadline and not invocation.done():
+                raise TimeoutError(f"no result from the slice within {timeout:g} s")
+
+    def _call(self, msg_type: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """A plain request/reply on this connection (fetch, free)."""
+        call_id = os.urandom(8).hex()
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            self._send(msg_type, {"call_id": call_id, **body})
+            while call_id not in self.replies:
+                self._receive_some(POLL_SLICE)
+                if time.monotonic() > deadline:
+                    raise ExecutorUnavailable(f"no answer to {msg_type} within {timeout:g} s")
+            kind, reply = self.replies.pop(call_id)
+        if kind == "error":
+            raise self._exception(reply, b"")
+        return reply
+
+    def _receive_some(self, wait: float) -> None:
+        if not self.socket.poll(int(wait * 1000)):
+            self._check_alive()
+            return
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._dispatch(frames)
+
+    def _check_alive(self) -> None:
+        why = None
+        if self.pid is not None and not _pid_alive(self.pid):
+            why = f"the executor (pid {self.pid}) died"
+        else:
+            why = self.executor_gone()
+        if why:
+            self._lose(f"{why}; this lease's device arrays are lost")
+
+    def _lose(self, why: str) -> None:
+        self.lost = why
+        for call_id, invocation in list(self.pending.items()):
+            invocation._resolve(error=ExecutorLost(why))
+            del self.pending[call_id]
+        raise ExecutorLost(why)
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        reason = refusal_reason(frames)
+        if reason is not None:
+            raise AuthenticationError(f"the executor refused the request: {reason}")
+        msg = decode(frames, lambda _h: self.key, None)
+        body = msg.body
+        call_id = body.get("call_id", "")
+        if msg.type == "stream":
+            target = sys.stderr if body.get("name") == "stderr" else sys.stdout
+            target.write(body.get("text", ""))
+            target.flush()
+            return
+        invocation = self.pending.pop(call_id, None)
+        if invocation is None:
+            if (
+                msg.re is None or msg.type == "error"
+            ):  # a reply to fetch/free: kept for its caller (or dropped)
+                self.replies[call_id] = (msg.type, body)
+            return
+        if msg.type == "result":
+            try:
+                value = payload.loads(msg.payload[0], self._unpickle_hook)
+            except BaseException as exc:
+                invocation._resolve(error=exc)
+                return
+            invocation._resolve(value)
+        elif msg.type == "error":
+            exc = self._exception(body, msg.payload[0] if msg.payload else b"")
+            if body.get("type") == "TimeoutError" and "replaced" in body.get("message", ""):
+                self.lost = body["message"]
+            invocation._resolve(error=exc)
+
+    def _unpickle_hook(self, pid: tuple[Any, ...]) -> Any:
+        if pid[0] == "h":
+            _, handle, shape, dtype, nbytes = pid
+            return RemoteArray(self, handle, shape, dtype, nbytes)
+        if pid[0] == "obj":
+            return RemoteObject(self, pid[1], pid[2])
+        raise ValueError(f"unknown persistent id {pid[0]!r}")
+
+    @staticmethod
+    def _exception(body: dict[str, Any], pickled: bytes) -> BaseException:
+        if "code" in body:  # a protocol error (bad request...)
+            return error_from_code(body["code"], body.get("message", ""), body.get("details"))
+        remote_tb = body.get("traceback", "")
+        exc: BaseException | None = None
+        if pickled:
+            try:
+                import cloudpickle
+
+                exc = cloudpickle.loads(pickled)
+            except Exception:
+                exc = None
+        if exc is None:
+            cls = getattr(builtins, body.get("type", ""), None)
+            if (
+                isinstance(cls, type)
+                and issubclass(cls, BaseException)
+                and body.get("module") == "builtins"
+            ):
+                try:
+                    exc = cls(body.get("message", ""))
+                except Exception:
+                    exc = None
+        if exc is None:
+            exc = RemoteError(body.get("type", "Exception"), body.get("message", ""), remote_tb)
+        if remote_tb and hasattr(exc, "add_note"):
+            exc.add_note("Remote traceback (on the slice):\n" + remote_tb.rstrip())
+        exc.remote_traceback = remote_tb  # type: ignore[attr-defined]
+        return exc
+
+    # ---------------------------------------------------------------- host copies
+    def fetch(self, arrays: list[RemoteArray]) -> list[np.ndarray]:
+        regions = []
+        items = []
+        for array in arrays:
+            if array._conn is not self or array.generation != self.generation:
+                raise ExecutorLost(f"{array!r} belongs to an executor that is gone")
+            region = self.arena.alloc(array.nbytes)
+            regions.append(region)
+            items.append([array.handle, region.segment, region.offset, array.nbytes])
+        try:
+            self._call("fetch", {"items": items})
+        except BaseException:
+            for region in regions:
+                self.arena.free(region)
+            raise
+        return [
+            self.arena.array_view(region, array.dtype, array.shape)
+            for region, array in zip(regions, arrays, strict=True)
+        ]
+
+    def to_host(self, value: Any) -> Any:
+        """Replace every RemoteArray in a result by a host copy (one fetch for all)."""
+        found: list[RemoteArray] = []
+        _walk(value, found)
+        if not found:
+            return value
+        copies = dict(zip((id(a) for a in found), self.fetch(found), strict=True))
+        return _replace(value, copies)
+
+
+def _walk(value: Any, found: list[RemoteArray]) -> None:
+    if isinstance(value, RemoteArray):
+        found.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _walk(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _walk(item, found)
+
+
+def _replace(value: Any, copies: dict[int, np.ndarray]) -> Any:
+    if isinstance(value, RemoteArray):
+        return copies[id(value)]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_replace(v, copies) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_replace(v, copies) for v in value)
+    if isinstance(value, dict):
+        return {k: _replace(v, copies) for k, v in value.items()}
+    return value
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2 :].split()[0] != b"Z"
+
+
+__all__ = [
+    "ExecutorConnection",
+    "ExecutorLost",
+    "Invocation",
+    "MigKernelError",
+    "RemoteArray",
+    "RemoteError",
+    "RemoteObject",
+]

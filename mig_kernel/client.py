@@ -351,7 +351,7 @@ class Session:
         flight (the executor stages the inputs of the next while the current one computes)."""
         if not callable(fn):
             raise TypeError(f"run/submit needs a function, got {type(fn).__name__}")
-        return self._connection().submit("invoke", (fn, args, kwargs), {}, to_host, timeout)
+        return self._connection().submit("invoke", fn, (args, kwargs), {}, to_host, timeout)
 
     def run(
         self,
@@ -370,7 +370,7 @@ class Session:
         """Copy a host array to the slice."""
         return (
             self._connection()
-            .submit("call", (np.asarray(array),), {"op": "put"}, False, None)
+            .submit("call", None, (np.asarray(array),), {"op": "put"}, False, None)
             .result()
         )
 
@@ -379,7 +379,7 @@ class Session:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         return (
             self._connection()
-            .submit("call", (shape, np.dtype(dtype).str), {"op": "alloc"}, False, None)
+            .submit("call", None, (shape, np.dtype(dtype).str), {"op": "alloc"}, False, None)
             .result()
         )
 
@@ -400,6 +400,7 @@ class Session:
         """Compile (once per executor) and launch a CUDA C kernel; GPU slices only."""
         self._connection().submit(
             "call",
+            None,
             (source, name, tuple(grid), tuple(block), tuple(args)),
             {"op": "launch"},
             False,

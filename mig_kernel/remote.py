@@ -188,12 +188,10 @@ class ExecutorConnection:
                 self.socket.close(linger=0)
 
     # ---------------------------------------------------------------- sending
-    def _send(self, msg_type: str, body: dict[str, Any], data: bytes = b"") -> None:
+    def _send(self, msg_type: str, body: dict[str, Any], *frames_out: bytes) -> None:
         if self.lost:
             raise ExecutorLost(self.lost)
-        frames = encode(
-            msg_type, body, self.key, sender=self.lease_id, payload=[data] if data else ()
-        )
+        frames = encode(msg_type, body, self.key, sender=self.lease_id, payload=frames_out)
         self.socket.send_multipart(frames)
 
     def release_handle(self, handle: int, generation: int) -> None:
@@ -207,11 +205,18 @@ class ExecutorConnection:
             self._send("free", {"call_id": f"free-{os.urandom(4).hex()}", "ids": ids})
 
     def _pickle_hook(self, regions: list[Region]) -> Callable[[Any], tuple[Any, ...] | None]:
+        written: dict[int, tuple[Any, ...]] = {}  # id -> pid: a fallback re-pickle reuses it
+
         def hook(obj: Any) -> tuple[Any, ...] | None:
             if isinstance(obj, np.ndarray) and obj.dtype != object:
-                region = self.arena.write(obj)
-                regions.append(region)
-                return ("arr", region.segment, region.offset, region.nbytes, obj.dtype, obj.shape)
+                pid = written.get(id(obj))
+                if pid is None:
+                    region = self.arena.write(obj)
+                    regions.append(region)
+                    pid = ("arr", region.segment, region.offset, region.nbytes, obj.dtype)
+                    pid += (obj.shape,)
+                    written[id(obj)] = pid
+                return pid
             if isinstance(obj, (RemoteArray, RemoteObject)):
                 if obj._conn is not self or obj.generation != self.generation:
                     raise ExecutorLost(
@@ -224,12 +229,20 @@ class ExecutorConnection:
         return hook
 
     def submit(
-        self, msg_type: str, obj: Any, body: dict[str, Any], to_host: bool, timeout: float | None
+        self,
+        msg_type: str,
+        fn: Any,
+        args: Any,
+        body: dict[str, Any],
+        to_host: bool,
+        timeout: float | None,
     ) -> Invocation:
+        """Send ``fn`` (None for call-level operations) and its arguments as one request."""
         regions: list[Region] = []
         call_id = os.urandom(8).hex()
         try:
-            data = payload.dumps(obj, self._pickle_hook(regions))
+            fn_data = payload.dumps_function(fn) if fn is not None else b""
+            data = payload.dumps(args, self._pickle_hook(regions))
         except BaseException:
             for region in regions:
                 self.arena.free(region)
@@ -239,7 +252,8 @@ class ExecutorConnection:
             self._flush_frees()
             self.pending[call_id] = invocation
             try:
-                self._send(msg_type, {"call_id": call_id, "timeout": timeout, **body}, data)
+                body = {"call_id": call_id, "timeout": timeout, **body}
+                self._send(msg_type, body, fn_data, data)
             except BaseException:
                 self.pending.pop(call_id, None)
                 invocation._resolve(error=ExecutorLost(self.lost or "send failed"))

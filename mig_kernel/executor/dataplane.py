@@ -1,20 +1,23 @@
-"""The executor's data plane: stage-in, compute and stage-out of invocations on two threads.
+"""The executor's data plane: stage-in and stage-out on the socket thread, compute on the
+**runner** thread.
 
-The socket thread (server.py) only routes: an ``invoke`` or ``fetch`` is queued for the
-**stager** (arena -> device copies on the copy stream, device -> arena copies for fetches), a
-staged invocation is queued for the **runner** (the function on the compute stream). So the
-stage-in of invocation n+1 overlaps the compute of n. Replies go back to the socket thread
-through an inproc PUSH socket per thread (a ZeroMQ socket belongs to one thread).
+The socket thread (server.py) stages an invocation as it arrives (unpickles it, copying arena
+-> device on the copy stream) and hands its id to the runner over an inproc socket; the runner
+calls the function on the compute stream and sends the result back through another inproc
+socket (a ZeroMQ socket belongs to one thread). So the stage-in of invocation n+1 overlaps the
+compute of n, and the fast path crosses threads only twice. Fetches (device -> arena) run on
+the socket thread too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
-import queue
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +30,7 @@ from ..wire.arena import ArenaMap
 from .runtime import Runtime
 
 OUTBOX = "inproc://executor-outbox"
+RUNNER = "inproc://executor-runner"
 
 
 class UnknownHandle(KeyError):
@@ -39,8 +43,10 @@ class Job:
     route: bytes
     call_id: str
     body: dict[str, Any]
-    data: bytes = b""
-    staged: Any = None  # (fn, args, kwargs) once staged
+    data: bytes = b""  # pickled (args, kwargs), or the call's arguments
+    fn_data: bytes = b""  # the pickled function (empty for call-level operations)
+    fn: Any = None
+    staged: Any = None  # (args, kwargs) once staged
     ready_event: Any = None  # CUDA event: inputs are on the device
     input_bytes: int = 0
     started: float = field(default_factory=time.time)
@@ -56,17 +62,17 @@ class DataPlane:
         self.next_handle = 1
         self.lock = threading.Lock()  # guards handles and accounting between the two threads
         self.accounted = 0  # bytes of device arrays this executor holds (sim: its own cap)
-        self.stage_q: queue.Queue[Job | None] = queue.Queue()
-        self.run_q: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: dict[str, Job] = {}  # staged, waiting for or in the runner
+        self.to_runner = context.socket(zmq.PUSH)
+        self.to_runner.linger = 0
+        self.to_runner.bind(RUNNER)
+        self.out = self._outbox()  # the socket thread's own sender, for staging errors
         self.running: tuple[str, bytes, float] | None = None  # (call id, route, deadline)
         self.last_active = time.time()
         self.kernels: dict[tuple[str, str], Any] = {}
-        self.threads = [
-            threading.Thread(target=self._stager, name="stager", daemon=True),
-            threading.Thread(target=self._runner, name="runner", daemon=True),
-        ]
-        for thread in self.threads:
-            thread.start()
+        self.functions: OrderedDict[bytes, Any] = OrderedDict()
+        self.runner = threading.Thread(target=self._runner, name="runner", daemon=True)
+        self.runner.start()
 
     # ---------------------------------------------------------------- shared helpers
     def _outbox(self) -> zmq.Socket:
@@ -147,24 +153,44 @@ class DataPlane:
             if obj is not None and self.runtime.is_device_array(obj):
                 self._release(int(obj.nbytes))
 
-    # ---------------------------------------------------------------- stager thread
-    def _stager(self) -> None:
-        out = self._outbox()
-        while True:
-            job = self.stage_q.get()
-            if job is None:
-                return
-            try:
-                if job.kind == "fetch":
-                    self._fetch(job)
-                    self._reply(out, job, "reply", {})
-                    continue
-                job.staged = payload.loads(job.data, lambda pid, job=job: self._stage_in(job, pid))
-                job.ready_event = self.runtime.record_copy()
-                self.run_q.put(job)
-            except BaseException as exc:
-                self._release(job.input_bytes)
-                self._error(out, job, exc)
+    # ---------------------------------------------------------------- socket thread
+    def submit(self, job: Job) -> None:
+        """Stage an invocation now and queue it for the runner; errors go to the caller."""
+        try:
+            if job.fn_data:
+                job.fn = self._function(job.fn_data)
+            job.staged = payload.loads(job.data, lambda pid, job=job: self._stage_in(job, pid))
+            job.ready_event = self.runtime.record_copy()
+        except BaseException as exc:
+            self._release(job.input_bytes)
+            self._error(self.out, job, exc)
+            return
+        self.jobs[job.call_id] = job
+        self.to_runner.send_string(job.call_id)
+
+    def _function(self, data: bytes) -> Any:
+        """Unpickle a function, or take it from the cache: the same bytes are the same function
+        (cloudpickle captured its globals by value when the client pickled it)."""
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        fn = self.functions.get(digest)
+        if fn is None:
+            fn = cloudpickle.loads(data)
+            if not callable(fn):
+                raise TypeError(f"the invocation's function is a {type(fn).__name__}")
+            self.functions[digest] = fn
+            if len(self.functions) > 256:
+                self.functions.popitem(last=False)
+        else:
+            self.functions.move_to_end(digest)
+        return fn
+
+    def fetch(self, job: Job) -> None:
+        try:
+            self._fetch(job)
+        except BaseException as exc:
+            self._error(self.out, job, exc)
+            return
+        self._reply(self.out, job, "reply", {})
 
     def _stage_in(self, job: Job, pid: tuple[Any, ...]) -> Any:
         kind = pid[0]
@@ -190,17 +216,22 @@ class DataPlane:
     # ---------------------------------------------------------------- runner thread
     def _runner(self) -> None:
         out = self._outbox()
+        inbox = self.context.socket(zmq.PULL)
+        inbox.linger = 0
+        inbox.connect(RUNNER)
         while True:
-            job = self.run_q.get()
-            if job is None:
+            call_id = inbox.recv_string()
+            if call_id == "":
                 return
+            job = self.jobs.pop(call_id)
             timeout = job.body.get("timeout")
             deadline = time.time() + float(timeout) if timeout else float("inf")
             self.running = (job.call_id, job.route, deadline)
             self.last_active = time.time()
             try:
                 result = self._compute(job, out)
-                data = payload.dumps(result, self._keep_on_device)
+                job.staged = None  # inputs may die now (and go back to the pool)
+                data = self._pickle_result(result)
                 self._reply(out, job, "result", {}, data)
             except BaseException as exc:
                 self._error(out, job, exc)
@@ -212,7 +243,8 @@ class DataPlane:
     def _compute(self, job: Job, out: zmq.Socket) -> Any:
         if job.kind == "call":
             return self._remote_call(job)
-        fn, args, kwargs = job.staged
+        fn = job.fn
+        args, kwargs = job.staged
         globals_ = getattr(fn, "__globals__", None)
         if isinstance(globals_, dict) and "xp" not in globals_:
             globals_["xp"] = self.runtime.xp
@@ -225,6 +257,18 @@ class DataPlane:
             finally:
                 stdout.flush()
                 stderr.flush()
+
+    def _pickle_result(self, result: Any) -> bytes:
+        """Pickle a result; if that fails (an object that cannot leave this process), the whole
+        result stays here as one opaque handle."""
+        try:
+            return payload.dumps(result, self._keep_on_device)
+        except MemoryError:
+            raise  # the result exceeds the slice's memory cap: an error, not a handle
+        except Exception:
+            name = f"{type(result).__module__}.{type(result).__qualname__}"
+            opaque = _Opaque(self.store(result), name)
+            return payload.dumps(opaque, lambda o: o.pid() if isinstance(o, _Opaque) else None)
 
     def _keep_on_device(self, obj: Any) -> tuple[Any, ...] | None:
         """Results: device arrays and device-resident objects stay here as handles."""
@@ -265,8 +309,16 @@ class DataPlane:
         raise ValueError(f"unknown call {op!r}")
 
     def stop(self) -> None:
-        self.stage_q.put(None)
-        self.run_q.put(None)
+        self.to_runner.send_string("")
+
+
+@dataclass
+class _Opaque:
+    handle: int
+    type_name: str
+
+    def pid(self) -> tuple[Any, ...]:
+        return ("obj", self.handle, self.type_name)
 
 
 class _Stream(io.TextIOBase):

@@ -8,11 +8,61 @@ creation, and compiling and running a tiny kernel (about 2.4 s on an H100 when c
 from __future__ import annotations
 
 import contextlib
+import mmap
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
+
+
+class SimMemoryPool:
+    """Reusable host buffers standing in for device memory on a sim slice.
+
+    A fresh 64 MiB numpy array costs its page faults on first touch, several times the copy
+    itself; like CuPy's pool on a GPU, a buffer goes back to the pool once the array and every
+    view of it are gone, and the next array of that size class reuses its already-mapped pages.
+    """
+
+    def __init__(self, keep_bytes: int = 2 * 2**30) -> None:
+        self.keep_bytes = keep_bytes
+        self.free: dict[int, list[mmap.mmap]] = {}
+        self.kept = 0
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _size_class(nbytes: int) -> int:
+        page = mmap.PAGESIZE
+        return max(page, (nbytes + page - 1) // page * page)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        import numpy
+
+        dtype = numpy.dtype(dtype)
+        nbytes = int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize
+        if nbytes < 1 << 20:  # small arrays: malloc is cheap
+            return numpy.empty(shape, dtype=dtype)
+        size = self._size_class(nbytes)
+        with self.lock:
+            bucket = self.free.get(size)
+            buffer = bucket.pop() if bucket else None
+            if buffer is not None:
+                self.kept -= size
+        if buffer is None:
+            buffer = mmap.mmap(-1, size)
+        flat = numpy.frombuffer(buffer, dtype=dtype, count=nbytes // dtype.itemsize)
+        # The finalizer goes on the array whose base is the buffer: every view (the reshape
+        # returned here, and whatever the user slices from it) keeps that one alive.
+        weakref.finalize(flat, self._give_back, buffer, size)
+        return flat.reshape(shape)
+
+    def _give_back(self, buffer: mmap.mmap, size: int) -> None:
+        with self.lock:
+            if self.kept + size <= self.keep_bytes:
+                self.free.setdefault(size, []).append(buffer)
+                self.kept += size
 
 
 @dataclass
@@ -30,6 +80,7 @@ class Runtime:
     device: dict[str, Any] = field(default_factory=dict)
     copy_stream: Any = None
     compute_stream: Any = None
+    sim_pool: SimMemoryPool = field(default_factory=lambda: SimMemoryPool())
 
     def memory_used(self) -> int:
         """Bytes of device memory this executor holds (CuPy pool; sim: the data plane counts)."""
@@ -50,7 +101,9 @@ class Runtime:
 
     def to_device(self, host: Any) -> Any:
         if self.name == "numpy":
-            return self.xp.array(host, copy=True)
+            device = self.sim_pool.empty(host.shape, host.dtype)
+            self.xp.copyto(device, host)
+            return device
         with self.copy_stream:
             device = self.xp.empty(host.shape, dtype=host.dtype)
             device.set(host, stream=self.copy_stream)

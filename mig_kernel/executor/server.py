@@ -43,7 +43,7 @@ class ExecutorServer:
         self.running = True
         self.outbox = context.socket(zmq.PULL)
         self.outbox.linger = 0
-        self.outbox.bind(OUTBOX)
+        self.outbox.bind(OUTBOX)  # bound before the data plane's threads connect to it
         self.dataplane = DataPlane(runtime, context, spec.memory_limit)
 
     # -- keys --------------------------------------------------------------------------
@@ -180,17 +180,18 @@ class ExecutorServer:
         timeout = msg.body.get("timeout")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise BadRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if needs_payload and len(msg.payload) != 1:
-            raise BadRequest("an invocation carries exactly one pickled payload frame")
-        return Job(kind, route, call_id, msg.body, msg.payload[0] if needs_payload else b"")
+        if needs_payload and len(msg.payload) != 2:
+            raise BadRequest("an invocation carries two frames: the function and its arguments")
+        fn_data, data = msg.payload if needs_payload else (b"", b"")
+        return Job(kind, route, call_id, msg.body, data, fn_data)
 
     def tenant_invoke(self, msg: Message, route: bytes) -> None:
-        self.dataplane.stage_q.put(self._job("invoke", msg, route, True))
+        self.dataplane.submit(self._job("invoke", msg, route, True))
 
     def tenant_call(self, msg: Message, route: bytes) -> None:
         if msg.body.get("op") not in ("alloc", "put", "launch"):
             raise BadRequest(f"unknown call {msg.body.get('op')!r}: expected alloc, put or launch")
-        self.dataplane.stage_q.put(self._job("call", msg, route, True))
+        self.dataplane.submit(self._job("call", msg, route, True))
 
     def tenant_fetch(self, msg: Message, route: bytes) -> None:
         items = msg.body.get("items")
@@ -198,7 +199,7 @@ class ExecutorServer:
             isinstance(i, list) and len(i) == 4 for i in items
         ):
             raise BadRequest("fetch needs items [[handle, segment, offset, nbytes], ...]")
-        self.dataplane.stage_q.put(self._job("fetch", msg, route, False))
+        self.dataplane.fetch(self._job("fetch", msg, route, False))
 
     def tenant_free(self, msg: Message, route: bytes) -> dict[str, Any]:
         ids = msg.body.get("ids")

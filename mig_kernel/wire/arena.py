@@ -157,9 +157,9 @@ class Arena:
         if region.nbytes == 0:
             self.free(region)
             return np.empty(shape, dtype=dtype)
-        array = np.frombuffer(self.view(region), dtype=dtype).reshape(shape)
-        weakref.finalize(array, self.free, region)
-        return array
+        flat = np.frombuffer(self.view(region), dtype=dtype)
+        weakref.finalize(flat, self.free, region)  # on the base every view keeps alive
+        return flat.reshape(shape)
 
     def close(self) -> None:
         """Unlink every segment. Mappings stay valid for arrays still in use."""

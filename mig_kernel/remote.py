@@ -124,6 +124,7 @@ class Invocation:
         self.regions = regions
         self.timeout = timeout
         self._done = threading.Event()
+        self.timings: dict[str, float] = {}  # executor-side: stage_in_ms, compute_ms
         self._value: Any = None
         self._error: BaseException | None = None
 
@@ -333,6 +334,7 @@ class ExecutorConnection:
                 self.replies[call_id] = (msg.type, body)
             return
         if msg.type == "result":
+            invocation.timings = body.get("timings") or {}
             try:
                 value = payload.loads(msg.payload[0], self._unpickle_hook)
             except BaseException as exc:

@@ -98,3 +98,129 @@ def test_two_executors_share_one_gpu_in_process_isolation(tmp_path: Path) -> Non
             second.release()
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def gpu_broker(tmp_path_factory):
+    from mig_kernel.testing import BrokerProcess, all_free
+
+    broker = BrokerProcess(
+        tmp_path_factory.mktemp("gpu") / "state",
+        ["--backend", "nvml", "--share", "2", "--per-user-limit", "2"],
+    )
+    broker.start()
+    broker.wait_for(all_free, timeout=180)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def gpu_session(gpu_broker):
+    session = mig_kernel.connect(broker=gpu_broker.connection_file)
+    yield session
+    session.close()
+
+
+def test_cupy_results_match_numpy(gpu_session) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((512, 256)).astype(np.float32)
+    b = rng.standard_normal((256, 128)).astype(np.float32)
+
+    def fn(a, b):
+        return xp.abs(xp.fft.rfft(a @ b, axis=0)), type(a).__module__  # noqa: F821
+
+    result, module = gpu_session.run(fn, a, b)
+    assert module.startswith("cupy")
+    np.testing.assert_allclose(
+        result.get(), np.abs(np.fft.rfft(a @ b, axis=0)), rtol=2e-3, atol=2e-3
+    )
+
+
+def test_large_transfer_through_the_pinned_arena_is_exact(gpu_session) -> None:
+    import numpy as np
+
+    big = np.random.default_rng(1).integers(0, 2**31, size=64 * 2**20, dtype=np.int32)  # 256 MiB
+    invocation = gpu_session.submit(lambda a: a + 1, big, to_host=True)
+    back = invocation.result()
+    np.testing.assert_array_equal(back, big + 1)
+    record("gpu-256mib-timings.json", invocation.timings)
+    assert invocation.timings["input_bytes"] == big.nbytes
+
+
+def test_memory_cap_of_a_process_slice(gpu_session) -> None:
+    cap = gpu_session.memory_total
+
+    def too_big():
+        return xp.empty(cap + 2**30, dtype=xp.uint8)  # noqa: F821
+
+    with pytest.raises(MemoryError, match="cap"):
+        gpu_session.run(too_big)
+    assert gpu_session.run(lambda: int(xp.arange(10).sum())) == 45  # noqa: F821
+
+
+def test_raw_cuda_kernel_launch_and_call_level_remoting(gpu_session) -> None:
+    import numpy as np
+
+    source = r"""
+    extern "C" __global__ void twice(float* x, int n) {
+        int i = blockIdx.x * blockDim.x + threadIdx.x;
+        if (i < n) x[i] *= 2.0f;
+    }"""
+    x = gpu_session.put(np.arange(1000, dtype=np.float32))
+    gpu_session.launch(source, "twice", (4,), (256,), (x, np.int32(1000)))
+    np.testing.assert_array_equal(x.get(), np.arange(1000, dtype=np.float32) * 2)
+
+
+def test_two_tenants_compute_at_once_on_one_gpu(gpu_broker) -> None:
+    import threading
+
+    import numpy as np
+
+    sessions = [mig_kernel.connect(broker=gpu_broker.connection_file) for _ in range(2)]
+    results: list[float] = []
+
+    def work(session) -> None:
+        results.append(
+            session.run(
+                lambda n: float((xp.ones((n, n)) @ xp.ones((n, n))).sum()),  # noqa: F821
+                2048,
+            )
+        )
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in sessions:
+        s.release()
+    assert results == [2048.0**3] * 2
+    assert np.isfinite(results).all()
+
+
+def test_torch_model_stays_on_the_slice(gpu_session) -> None:
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed on this machine")
+    import numpy as np
+
+    def load():
+        import torch
+
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU()).cuda().eval()
+
+    def infer(model, x):
+        import torch
+
+        with torch.no_grad():
+            return model(torch.as_tensor(x, device="cuda")).cpu().numpy()
+
+    model = gpu_session.run(load)
+    assert isinstance(model, mig_kernel.RemoteObject) and "torch" in model.type_name
+    x = np.ones((4, 64), dtype=np.float32)
+    first = gpu_session.run(infer, model, x)
+    second = gpu_session.run(infer, model, x)  # the weights were loaded once
+    assert first.shape == (4, 32)
+    np.testing.assert_array_equal(first, second)
+    assert torch is not None

@@ -49,6 +49,8 @@ class Job:
     staged: Any = None  # (args, kwargs) once staged
     ready_event: Any = None  # CUDA event: inputs are on the device
     input_bytes: int = 0
+    copy_start: Any = None  # CUDA event before the stage-in copies
+    stage_wall: float = 0.0
     started: float = field(default_factory=time.time)
 
 
@@ -159,8 +161,11 @@ class DataPlane:
         try:
             if job.fn_data:
                 job.fn = self._function(job.fn_data)
+            job.copy_start = self.runtime.record_copy()
+            job.stage_wall = time.perf_counter()
             job.staged = payload.loads(job.data, lambda pid, job=job: self._stage_in(job, pid))
             job.ready_event = self.runtime.record_copy()
+            job.stage_wall = time.perf_counter() - job.stage_wall
         except BaseException as exc:
             self._release(job.input_bytes)
             self._error(self.out, job, exc)
@@ -229,12 +234,20 @@ class DataPlane:
             self.running = (job.call_id, job.route, deadline)
             self.last_active = time.time()
             try:
+                started = time.perf_counter()
                 result = self._compute(job, out)
+                timings = {
+                    "stage_in_ms": self.runtime.elapsed_ms(
+                        job.copy_start, job.ready_event, job.stage_wall
+                    ),
+                    "compute_ms": (time.perf_counter() - started) * 1e3,
+                    "input_bytes": job.input_bytes,
+                }
                 job.staged = None  # inputs may die now (and go back to the pool)
                 data = self._pickle_result(result)
-                self._reply(out, job, "result", {}, data)
+                self._reply(out, job, "result", {"timings": timings}, data)
             except BaseException as exc:
-                self._error(out, job, exc)
+                self._error(out, job, self._explain_memory(exc))
             finally:
                 self._release(job.input_bytes)  # inputs die with the call unless returned
                 self.running = None
@@ -257,6 +270,16 @@ class DataPlane:
             finally:
                 stdout.flush()
                 stderr.flush()
+
+    def _explain_memory(self, exc: BaseException) -> BaseException:
+        """CuPy's out-of-memory error, restated with the slice's cap and current use."""
+        if self.runtime.name == "cupy" and isinstance(exc, MemoryError):
+            limit = self.memory_limit or self.runtime.device.get("memory_total", 0)
+            return MemoryError(
+                f"slice memory cap exceeded: cap {limit / 2**30:.2f} GiB, in use "
+                f"{self.memory_used() / 2**30:.2f} GiB ({exc})"
+            )
+        return exc
 
     def _pickle_result(self, result: Any) -> bytes:
         """Pickle a result; if that fails (an object that cannot leave this process), the whole

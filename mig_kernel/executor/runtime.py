@@ -117,6 +117,13 @@ class Runtime:
         event.record(self.copy_stream)
         return event
 
+    def elapsed_ms(self, start: Any, end: Any, wall_seconds: float) -> float:
+        """Time the stage-in copies took: GPU events when there are any, else wall time."""
+        if self.name == "cupy" and start is not None and end is not None:
+            end.synchronize()
+            return float(self.xp.cuda.get_elapsed_time(start, end))
+        return wall_seconds * 1e3
+
     @contextlib.contextmanager
     def compute(self, ready: Any = None) -> Iterator[None]:
         """Run a function on the compute stream after its inputs' copies; wait for it."""

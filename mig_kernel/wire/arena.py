@@ -1,6 +1,7 @@
 """The lease's shared-memory arena: where array data travels between client and executor.
 
-The client owns the arena: it creates segments (0600 files in /dev/shm, mapped by both sides;
+The client owns the arena: it creates segments (0600 files in /dev/shm, or in the temp dir
+where /dev/shm is small, mapped by both sides;
 plain files rather than ``multiprocessing.shared_memory``, whose resource tracker unlinks a
 segment when any process that attached exits) and allocates regions in them. Only descriptors
 (segment, offset, dtype, shape) travel on the socket. The executor maps a segment the first time
@@ -29,14 +30,29 @@ ALIGN = 256  # bytes; keeps every region suitably aligned for any dtype and for 
 DEFAULT_SEGMENT = 64 * 2**20
 
 
-def _shm_dir() -> Path:
-    path = Path("/dev/shm")
-    return path if path.is_dir() and os.access(path, os.W_OK) else Path(tempfile.gettempdir())
+SHM_MIN_FREE = 4 * 2**30
+
+
+def _shm_dirs() -> tuple[Path, ...]:
+    """Where segments may live: /dev/shm, and the temp dir for machines whose /dev/shm is
+    missing or small (containers often give it 64 MiB; touching a page beyond it is SIGBUS)."""
+    return (Path("/dev/shm"), Path(tempfile.gettempdir()))
+
+
+def _segment_dir() -> Path:
+    shm = Path("/dev/shm")
+    try:
+        st = os.statvfs(shm)
+        if os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize >= SHM_MIN_FREE:
+            return shm
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir())
 
 
 @dataclass(frozen=True)
 class Region:
-    segment: str  # file name of the segment (inside the shm directory)
+    segment: str  # path of the segment file
     offset: int
     nbytes: int
 
@@ -77,9 +93,9 @@ class _FreeList:
 class Segment:
     """One mapped shared-memory file."""
 
-    def __init__(self, name: str, size: int, create: bool) -> None:
-        self.name = name
-        self.path = _shm_dir() / name
+    def __init__(self, path: str, size: int, create: bool) -> None:
+        self.name = path
+        self.path = Path(path)
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         fd = os.open(self.path, flags, 0o600)
         try:
@@ -116,9 +132,9 @@ class Arena:
     def _new_segment(self, at_least: int) -> Segment:
         size = max(self.segment_size, (at_least + ALIGN - 1) // ALIGN * ALIGN)
         name = f"mig-kernel-{os.getuid()}-{self.tag}-{len(self.segments)}-{os.urandom(4).hex()}"
-        segment = Segment(name, size, create=True)
-        self.segments[name] = segment
-        self.free_lists[name] = _FreeList(size)
+        segment = Segment(str(_segment_dir() / name), size, create=True)
+        self.segments[segment.name] = segment
+        self.free_lists[segment.name] = _FreeList(size)
         return segment
 
     def alloc(self, nbytes: int) -> Region:
@@ -179,7 +195,10 @@ class ArenaMap:
     def view(self, segment: str, offset: int, nbytes: int) -> memoryview:
         mapped = self.segments.get(segment)
         if mapped is None:
-            if "/" in segment or not segment.startswith(f"mig-kernel-{os.getuid()}-"):
+            path = Path(segment)
+            if path.parent not in _shm_dirs() or not path.name.startswith(
+                f"mig-kernel-{os.getuid()}-"
+            ):
                 raise ValueError(f"{segment!r} is not an arena segment of this user")
             mapped = Segment(segment, 0, create=False)
             if callable(self.on_attach):

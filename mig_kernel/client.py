@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from .channel import Channel
-from .remote import ExecutorConnection, Invocation, RemoteArray, RemoteObject
+from .remote import ExecutorConnection, Invocation, RemoteArray, RemoteObject, Route
 from .wire.arena import Arena
 from .wire.connection import ConnectionInfo, read_connection_file
 from .wire.errors import (
@@ -98,8 +98,11 @@ class BrokerClient:
         wait: bool = True,
         timeout: float | None = None,
         on_queued: QueuedCallback | None = None,
+        restore: str | None = None,
     ) -> dict[str, Any]:
-        """Lease a slice; waits in the broker's FIFO queue unless ``wait=False``.
+        """Lease a slice; waits in the broker's FIFO queue unless ``wait=False``. ``restore``
+        names an idle-reclaimed lease whose spilled device data the new executor loads (the
+        reply's ``restored`` says how it went).
 
         While queued the request is re-sent every ``queue_keepalive`` seconds (the broker drops
         waiters that stop doing so, and a restarted broker learns of the waiter again); each
@@ -112,6 +115,7 @@ class BrokerClient:
             "wait": wait,
             "timeout": timeout,
             "ticket": ticket,
+            "restore": restore,
         }
         keepalive = float(self.session.get("queue_keepalive", 1.0))
         deadline = time.monotonic() + timeout if timeout is not None else None
@@ -130,7 +134,7 @@ class BrokerClient:
                         except BrokerUnavailable:
                             break  # the turn is over: send the keepalive
                         if reply.get("status") == "granted":
-                            return reply["lease"]
+                            return {**reply["lease"], "restored": reply.get("restored")}
                         if on_queued is not None:
                             on_queued(int(reply["position"]), int(reply["queue_length"]))
                     if deadline is not None and time.monotonic() >= deadline:
@@ -205,24 +209,69 @@ def _heartbeat_loop(
 class Session:
     """A held lease: the slice's description, its executor's address and key, and heartbeats."""
 
-    def __init__(self, broker: BrokerClient, lease: dict[str, Any], *, owns_broker: bool = True):
+    def __init__(
+        self,
+        broker: BrokerClient,
+        lease: dict[str, Any],
+        *,
+        owns_broker: bool = True,
+        request: dict[str, Any] | None = None,
+        reacquire: bool = True,
+        on_reacquire: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.broker = broker
         self._owns_broker = owns_broker
+        self.request = request or {"profile": lease["slice"]["profile"], "memory": None}
+        self.reacquire = reacquire  # after an idle reclaim, lease again on the next call
+        self.on_reacquire = on_reacquire
+        self.reacquired: dict[str, Any] | None = None
         self._apply_lease(lease)
         self.released = False
-        self._state: dict[str, Any] = {"ended": None, "generation": self.generation}
         self._arena = Arena(self.id.removeprefix("L-"))
+        self._route = Route()
         self._conn: ExecutorConnection | None = None
+        self._inherit: frozenset[int] = frozenset()  # handle epochs the next connection keeps
+        self._start_heartbeat(lease)
+        _open_sessions.add(self)
+
+    def _start_heartbeat(self, lease: dict[str, Any]) -> None:
+        self._state: dict[str, Any] = {"ended": None, "generation": self.generation}
         self._stop = threading.Event()
         interval = float(lease.get("heartbeat_interval", 5.0))
         self._thread = threading.Thread(
             target=_heartbeat_loop,
-            args=(broker.fork(), self.id, interval, self._stop, self._state),
+            args=(self.broker.fork(), self.id, interval, self._stop, self._state),
             name=f"mig-kernel heartbeat {self.id}",
             daemon=True,
         )
         self._thread.start()
-        _open_sessions.add(self)
+
+    def _reacquire(self) -> None:
+        """Lease a slice again after an idle reclaim; the new executor restores the spilled
+        device data, and every RemoteArray of this session keeps working."""
+        started = time.perf_counter()
+        old_id = self.id
+        inherited = self._conn.epochs if self._conn is not None else frozenset()
+        lease = self.broker.acquire(
+            self.request.get("profile"), memory=self.request.get("memory"), restore=old_id
+        )
+        self._stop.set()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._apply_lease(lease)
+        self._start_heartbeat(lease)
+        restored = lease.get("restored") or {}
+        self._inherit = inherited if restored.get("restored") else frozenset()
+        self.reacquired = {
+            "previous_lease": old_id,
+            "lease": self.id,
+            "seconds": time.perf_counter() - started,
+            "restored": int(restored.get("restored") or 0),
+            "error": restored.get("error"),
+        }
+        if self.on_reacquire is not None:
+            self.on_reacquire(self.reacquired)
 
     def _apply_lease(self, lease: dict[str, Any]) -> None:
         self.lease = lease
@@ -264,6 +313,9 @@ class Session:
     def _check_held(self) -> None:
         if self.released:
             raise LeaseEnded(f"lease {self.id} was released")
+        if self.ended == "idle" and self.reacquire:
+            self._reacquire()
+            return
         if self.ended:
             raise LeaseEnded(
                 f"lease {self.id} was ended by the broker: {self.ended}", reason=self.ended
@@ -335,7 +387,10 @@ class Session:
                 self.generation,
                 self._arena,
                 self._executor_gone,
+                route=self._route,
+                inherits=self._inherit,
             )
+            self._inherit = frozenset()
             self._conn = conn
         return conn
 
@@ -453,6 +508,7 @@ def connect(
     timeout: float | None = None,
     broker: str | os.PathLike[str] | None = None,
     on_queued: QueuedCallback | None = None,
+    on_reacquire: Callable[[dict[str, Any]], None] | None = None,
 ) -> Session:
     """Lease a slice from the node broker (found via ``broker``, ``$MIG_KERNEL_BROKER`` or the
     default state dir) and return the Session holding it."""
@@ -464,4 +520,6 @@ def connect(
     except BaseException:
         client.close()
         raise
-    return Session(client, lease)
+    return Session(
+        client, lease, request={"profile": profile, "memory": memory}, on_reacquire=on_reacquire
+    )

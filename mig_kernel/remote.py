@@ -11,6 +11,7 @@ dead executor is reported within a second instead of after the call's timeout.
 from __future__ import annotations
 
 import builtins
+import itertools
 import os
 import sys
 import threading
@@ -62,13 +63,13 @@ class RemoteArray:
         dtype: np.dtype,
         nbytes: int,
     ) -> None:
-        self._conn = conn
+        self._route = conn.route
         self.handle = handle
-        self.generation = conn.generation
+        self.epoch = conn.epoch
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.nbytes = int(nbytes)
-        self._finalizer = weakref.finalize(self, conn.release_handle, handle, conn.generation)
+        self._finalizer = weakref.finalize(self, conn.route.release, handle, conn.epoch)
 
     @property
     def ndim(self) -> int:
@@ -80,7 +81,7 @@ class RemoteArray:
 
     def get(self) -> np.ndarray:
         """A host (numpy) copy of the array."""
-        return self._conn.fetch([self])[0]
+        return self._route.current().fetch([self])[0]
 
     def free(self) -> None:
         """Free the device memory now (otherwise it is freed when this handle is collected)."""
@@ -94,17 +95,43 @@ class RemoteObject:
     """Any other object that lives on the slice (a PyTorch model or tensor, a CuPy plan)."""
 
     def __init__(self, conn: ExecutorConnection, handle: int, type_name: str) -> None:
-        self._conn = conn
+        self._route = conn.route
         self.handle = handle
-        self.generation = conn.generation
+        self.epoch = conn.epoch
         self.type_name = type_name
-        self._finalizer = weakref.finalize(self, conn.release_handle, handle, conn.generation)
+        self._finalizer = weakref.finalize(self, conn.route.release, handle, conn.epoch)
 
     def free(self) -> None:
         self._finalizer()
 
     def __repr__(self) -> str:
         return f"RemoteObject({self.type_name}, handle={self.handle})"
+
+
+class Route:
+    """A Session's current executor connection, shared by all its handles.
+
+    Each connection has an epoch and accepts the handles of the epochs it inherited: after an
+    idle reclaim the new executor restores the spilled device data under the same handle ids,
+    so old handles keep working; after an executor is lost its handles are refused.
+    """
+
+    def __init__(self) -> None:
+        self.conn: ExecutorConnection | None = None
+
+    def current(self) -> ExecutorConnection:
+        if self.conn is None:
+            raise ExecutorLost("this session has no executor connection any more")
+        return self.conn
+
+    def release(self, handle: int, epoch: int) -> None:
+        """A handle was collected: it is freed with the next request (no round trip)."""
+        conn = self.conn
+        if conn is not None and epoch in conn.epochs and not conn.closed:
+            conn.to_free.append(handle)
+
+
+_EPOCHS = itertools.count(1)
 
 
 class Invocation:
@@ -164,12 +191,18 @@ class ExecutorConnection:
         generation: int,
         arena: Arena,
         executor_gone: Callable[[], str | None],
+        route: Route | None = None,
+        inherits: frozenset[int] = frozenset(),
     ) -> None:
         self.endpoint = endpoint
         self.key = key
         self.lease_id = lease_id
         self.pid = pid
         self.generation = generation
+        self.epoch = next(_EPOCHS)
+        self.epochs = frozenset({self.epoch}) | inherits  # whose handles this executor holds
+        self.route = route if route is not None else Route()
+        self.route.conn = self
         self.arena = arena
         self.executor_gone = executor_gone  # why the executor is gone per the broker, or None
         self.lock = threading.RLock()
@@ -195,11 +228,6 @@ class ExecutorConnection:
         frames = encode(msg_type, body, self.key, sender=self.lease_id, payload=frames_out)
         self.socket.send_multipart(frames)
 
-    def release_handle(self, handle: int, generation: int) -> None:
-        """Called when a handle is collected: freed with the next request (no round trip)."""
-        if generation == self.generation and not self.closed:
-            self.to_free.append(handle)
-
     def _flush_frees(self) -> None:
         if self.to_free:
             ids, self.to_free = self.to_free, []
@@ -219,7 +247,7 @@ class ExecutorConnection:
                     written[id(obj)] = pid
                 return pid
             if isinstance(obj, (RemoteArray, RemoteObject)):
-                if obj._conn is not self or obj.generation != self.generation:
+                if obj._route is not self.route or obj.epoch not in self.epochs:
                     raise ExecutorLost(
                         f"{obj!r} belongs to an executor that is gone (or another lease): its "
                         "data was lost"
@@ -391,7 +419,7 @@ class ExecutorConnection:
         regions = []
         items = []
         for array in arrays:
-            if array._conn is not self or array.generation != self.generation:
+            if array._route is not self.route or array.epoch not in self.epochs:
                 raise ExecutorLost(f"{array!r} belongs to an executor that is gone")
             region = self.arena.alloc(array.nbytes)
             regions.append(region)
@@ -457,4 +485,5 @@ __all__ = [
     "RemoteArray",
     "RemoteError",
     "RemoteObject",
+    "Route",
 ]

@@ -195,7 +195,7 @@ def test_timeout_kills_and_replaces_the_executor_and_reports_data_lost(session) 
                 raise
             time.sleep(0.2)
     assert session.ping()["pid"] != pid
-    with pytest.raises(ExecutorLost, match="lost"):
+    with pytest.raises(ExecutorLost, match="gone"):
         kept.get()
 
 
@@ -234,3 +234,51 @@ def test_a_wrong_key_cannot_invoke(session) -> None:
     finally:
         conn.close()
         arena.close()
+
+
+def test_idle_reclaim_spills_and_the_next_call_restores_handles(make_broker) -> None:
+    broker = make_broker(
+        "--idle-timeout",
+        "1.5",
+        "--Broker.stats_interval=0.2",
+        "--Broker.heartbeat_interval=0.3",
+        layout="H100-80GB:2x1g.10gb",
+        name="idle",
+    )
+    seen: list[dict] = []
+    session = mig_kernel.connect(broker=broker.connection_file, on_reacquire=seen.append)
+    try:
+        kept = session.run(lambda: xp.arange(6.0).reshape(2, 3))  # noqa: F821
+        lost = session.run(lambda: (i for i in range(3)))  # cannot be written to host storage
+        first_lease = session.id
+        deadline = time.monotonic() + 15
+        while session.ended != "idle" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session.ended == "idle"
+        spilled = list((broker.state_dir / "spill").iterdir())
+        assert [p.name for p in spilled] == [first_lease]
+        doubled = session.run(lambda a: a * 2, kept, to_host=True)  # re-acquires, restores
+        np.testing.assert_array_equal(doubled, np.arange(6.0).reshape(2, 3) * 2)
+        np.testing.assert_array_equal(kept.get(), np.arange(6.0).reshape(2, 3))
+        assert session.id != first_lease
+        assert seen and seen[0]["previous_lease"] == first_lease and seen[0]["restored"] == 1
+        with pytest.raises(KeyError, match="not on this executor"):
+            session.run(lambda g: list(g), lost)
+        assert not (broker.state_dir / "spill" / first_lease).exists()  # consumed
+    finally:
+        session.close()
+
+
+def test_malformed_invocations_get_clear_errors(session) -> None:
+    from mig_kernel.wire.errors import BadRequest
+
+    conn = session._connection()
+    with pytest.raises(BadRequest, match="two frames"):
+        conn._call("invoke", {"timeout": None})
+    with pytest.raises(BadRequest, match="timeout must be a positive"):
+        conn._call("invoke", {"timeout": -1})
+    with pytest.raises(BadRequest, match="unknown call"):
+        conn._call("call", {"op": "format_disk"})
+    with pytest.raises(BadRequest, match="fetch needs items"):
+        conn._call("fetch", {"items": "all"})
+    assert session.run(lambda: 3) == 3

@@ -154,6 +154,10 @@ class ExecutorPool:
         ex.deadline = time.time() + timeout
         self._send(ex, "rekey", {"key": ex.pending_key.hex()})
 
+    def request(self, ex: Executor, msg_type: str, body: dict[str, Any]) -> None:
+        """Any other control request (spill, restore); its reply arrives as an event."""
+        self._send(ex, msg_type, body)
+
     def request_stats(self, ex: Executor) -> None:
         self._send(ex, "stats", {})
 

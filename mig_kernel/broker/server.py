@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import socket
 import time
 from collections import Counter
@@ -114,6 +115,9 @@ class Broker(LoggingConfigurable):
         0.2, help="Minimum seconds between two state publications on the watch stream."
     ).tag(config=True)
     lease_history = Int(10000, help="Ended leases kept in the state database.").tag(config=True)
+    spill_timeout = Float(
+        120.0, help="Seconds an idle lease's executor may take to spill its device data."
+    ).tag(config=True)
     metrics_port = Int(
         0,
         help="Serve Prometheus metrics over HTTP on 127.0.0.1:PORT for scraping (0: off; the "
@@ -132,6 +136,7 @@ class Broker(LoggingConfigurable):
         self.leases: dict[str, Lease] = {}  # active ones; ended leases live in SQLite only
         self.clients: dict[str, Client] = {}
         self.queue: list[Ticket] = []
+        self.pending_restores: dict[str, tuple[bytes, bytes, bytes, str, str]] = {}
         self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
         self.dirty = True
         self.seq = 0
@@ -482,6 +487,7 @@ class Broker(LoggingConfigurable):
         wait = self._field(body, "wait", bool, True)
         timeout = self._field(body, "timeout", (int, float), None)
         ticket_id = self._field(body, "ticket", str, None) or new_id("T")
+        restore = self._field(body, "restore", str, None)
         if memory is not None and memory <= 0:
             raise E.BadRequest(f"memory must be a positive number of bytes, got {memory}")
         if timeout is not None and timeout < 0:
@@ -509,7 +515,7 @@ class Broker(LoggingConfigurable):
         if record is not None:
             lease = self._grant(record, client, request, ticket_id)
             self.metrics.grant_latency.observe(time.perf_counter() - req.received)
-            return {"status": "granted", "lease": self._lease_json(lease)}
+            return self._answer_grant(lease, req.route, req.msg.id, client, restore)
         if not wait:
             raise E.NoCapacity(f"no free slice fits {self._describe(request)}; all are busy")
         now = time.time()
@@ -523,6 +529,7 @@ class Broker(LoggingConfigurable):
             route=req.route,
             reply_to=req.msg.id,
             last_seen=now,
+            restore=restore,
         )
         self.queue.append(ticket)
         self.dirty = True
@@ -602,6 +609,57 @@ class Broker(LoggingConfigurable):
         self.metrics.granted.inc()
         self.dirty = True
         return lease
+
+    def _answer_grant(
+        self, lease: Lease, route: bytes, reply_to: bytes, client: Client, restore: str | None
+    ) -> dict[str, Any] | None:
+        """The grant reply; with ``restore``, first the new executor loads the device data the
+        named (idle-reclaimed) lease spilled, and the reply waits for that (lukewarm start)."""
+        body: dict[str, Any] = {"status": "granted", "lease": self._lease_json(lease)}
+        path = self.store.take_spill(restore, client.user) if restore else None
+        ex = self.executors.get(self.slices[lease.slice_id].executor_id or "")
+        if path is None or ex is None:
+            if restore:
+                body["restored"] = {"restored": 0, "error": f"nothing spilled for {restore}"}
+            return body
+        self.pending_restores[ex.id] = (route, reply_to, client.key, lease.id, path)
+        self.pool.request(ex, "restore", {"path": path})
+        return DEFERRED
+
+    def _finish_restore(self, ex: Executor, result: dict[str, Any]) -> None:
+        pending = self.pending_restores.pop(ex.id, None)
+        if pending is None:
+            return
+        route, reply_to, key, lease_id, path = pending
+        shutil.rmtree(path, ignore_errors=True)
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return
+        body = {"status": "granted", "lease": self._lease_json(lease), "restored": result}
+        self._reply(route, reply_to, key, body)
+
+    def _spill_idle(self, lease: Lease, now: float) -> None:
+        """Idle reclaim: the executor first writes the lease's device data to the user's spill
+        directory, then the lease ends; the holder's next acquire can restore it."""
+        if lease.spill_deadline is not None:
+            if now > lease.spill_deadline:
+                self._end_lease(lease, "idle")  # the spill never answered: data is lost
+            return
+        ex = self.executors.get(self.slices[lease.slice_id].executor_id or "")
+        if ex is None or ex.phase != "ready":
+            self._end_lease(lease, "idle")
+            return
+        lease.spill_deadline = now + self.spill_timeout
+        path = private_dir(self.state_path / "spill") / lease.id
+        self.pool.request(ex, "spill", {"path": str(path)})
+
+    def _finish_spill(self, ex: Executor, result: dict[str, Any] | None) -> None:
+        lease = self.leases.get(ex.key_lease or "")
+        if lease is None or lease.spill_deadline is None:
+            return
+        if result is not None and result.get("spilled"):
+            self.store.set_spill(lease.id, str(self.state_path / "spill" / lease.id))
+        self._end_lease(lease, "idle")
 
     def _lease_json(self, lease: Lease) -> dict[str, Any]:
         record = self.slices[lease.slice_id]
@@ -932,6 +990,13 @@ class Broker(LoggingConfigurable):
     def _on_executor_reply(
         self, kind: str, ex: Executor, reply: Message | E.MigKernelError
     ) -> None:
+        if kind == "restore":
+            error = {"restored": 0, "error": str(reply)}
+            self._finish_restore(ex, error if isinstance(reply, E.MigKernelError) else reply.body)
+            return
+        if kind == "spill":
+            self._finish_spill(ex, None if isinstance(reply, E.MigKernelError) else reply.body)
+            return
         if isinstance(reply, E.MigKernelError):
             self.log.error("executor %s answered %s with an error: %s", ex.id, kind, reply)
             if ex.phase in ("starting", "rekeying") or kind == "refused":
@@ -1011,7 +1076,7 @@ class Broker(LoggingConfigurable):
             if now - lease.last_heartbeat > lost_after:
                 self._end_lease(lease, "holder_lost")
             elif self.idle_timeout > 0 and now - lease.last_active > self.idle_timeout:
-                self._end_lease(lease, "idle")
+                self._spill_idle(lease, now)
 
     def _check_queue(self, now: float) -> None:
         dropped_after = self.queue_keepalive * self.queue_keepalive_misses
@@ -1054,9 +1119,6 @@ class Broker(LoggingConfigurable):
             held[ticket.user] += 1
             lease = self._grant(record, client, ticket.request, ticket.id)
             self.metrics.grant_latency.observe(time.time() - ticket.enqueued)
-            self._reply(
-                ticket.route,
-                ticket.reply_to,
-                client.key,
-                {"status": "granted", "lease": self._lease_json(lease)},
-            )
+            body = self._answer_grant(lease, ticket.route, ticket.reply_to, client, ticket.restore)
+            if body is not DEFERRED:
+                self._reply(ticket.route, ticket.reply_to, client.key, body)

@@ -61,6 +61,7 @@ class Lease:
     last_active: float
     generation: int = 0  # executors the lease has had (a replaced executor bumps it)
     request_ticket: str = ""  # the acquire ticket it answered: a re-sent acquire finds it
+    spill_deadline: float | None = None  # set while its executor spills it (idle reclaim)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Ticket:
     route: bytes
     reply_to: bytes
     last_seen: float
+    restore: str | None = None  # spill directory of an idle-reclaimed lease to bring back
 
 
 def slice_state(record: SliceRecord, executor: Executor | None) -> str:

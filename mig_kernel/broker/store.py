@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS executors (
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY, slice_id TEXT NOT NULL, owner TEXT NOT NULL, client_id TEXT NOT NULL,
     key BLOB NOT NULL, created REAL NOT NULL, request TEXT NOT NULL, generation INTEGER NOT NULL,
-    ticket TEXT NOT NULL, ended REAL, end_reason TEXT);
+    ticket TEXT NOT NULL, ended REAL, end_reason TEXT, spill TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS one_active_lease_per_slice ON leases (slice_id)
     WHERE ended IS NULL;
 CREATE TABLE IF NOT EXISTS clients (
@@ -162,6 +162,20 @@ class Store:
             (lease_id,),
         ).fetchone()
         return (row[0], row[1], row[2]) if row else None
+
+    def set_spill(self, lease_id: str, path: str) -> None:
+        self.db.execute("UPDATE leases SET spill = ? WHERE id = ?", (path, lease_id))
+
+    def take_spill(self, lease_id: str, owner: str) -> str | None:
+        """The spill directory of an ended lease of ``owner``, once (it is then forgotten)."""
+        row = self.db.execute(
+            "SELECT spill FROM leases WHERE id = ? AND owner = ? AND ended IS NOT NULL",
+            (lease_id, owner),
+        ).fetchone()
+        if not row or not row[0]:
+            return None
+        self.db.execute("UPDATE leases SET spill = NULL WHERE id = ?", (lease_id,))
+        return row[0]
 
     def count_leases(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM leases").fetchone()[0]

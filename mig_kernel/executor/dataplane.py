@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import threading
 import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -227,6 +229,8 @@ class DataPlane:
         while True:
             call_id = inbox.recv_string()
             if call_id == "":
+                inbox.close()
+                out.close()
                 return
             job = self.jobs.pop(call_id)
             timeout = job.body.get("timeout")
@@ -330,6 +334,55 @@ class DataPlane:
                 kernel(tuple(grid), tuple(block), tuple(kernel_args))
             return None
         raise ValueError(f"unknown call {op!r}")
+
+    # ---------------------------------------------------------------- spill and restore
+    def spill(self, directory: Path) -> dict[str, Any]:
+        """Copy every handle's object to host files (arrays as .npy, other objects pickled);
+        what cannot be pickled is reported lost. Called when the lease is idle."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self.lock:
+            handles = dict(self.handles)
+        manifest: dict[str, Any] = {"next_handle": self.next_handle, "handles": {}}
+        lost, total = [], 0
+        for handle, obj in handles.items():
+            if self.runtime.is_device_array(obj):
+                host = np.empty(obj.shape, dtype=obj.dtype)
+                self.runtime.to_host(obj, host)
+                np.save(directory / f"{handle}.npy", host, allow_pickle=False)
+                manifest["handles"][str(handle)] = "array"
+                total += host.nbytes
+                continue
+            try:
+                data = cloudpickle.dumps(obj)
+            except Exception:
+                lost.append(handle)
+                continue
+            (directory / f"{handle}.pkl").write_bytes(data)
+            manifest["handles"][str(handle)] = "object"
+            total += len(data)
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        return {"spilled": len(manifest["handles"]), "bytes": total, "lost": lost}
+
+    def restore(self, directory: Path) -> dict[str, Any]:
+        """Load what ``spill`` wrote, under the same handle ids."""
+        manifest = json.loads((directory / "manifest.json").read_text())
+        restored = 0
+        for key, kind in manifest["handles"].items():
+            handle = int(key)
+            if kind == "array":
+                host = np.load(directory / f"{handle}.npy", allow_pickle=False)
+                self._account(host.nbytes)
+                obj = self.runtime.to_device(host)
+            else:
+                obj = cloudpickle.loads((directory / f"{handle}.pkl").read_bytes())
+            with self.lock:
+                self.handles[handle] = obj
+            restored += 1
+        if self.runtime.copy_stream is not None:
+            self.runtime.copy_stream.synchronize()
+        with self.lock:
+            self.next_handle = max(self.next_handle, int(manifest["next_handle"]))
+        return {"restored": restored}
 
     def stop(self) -> None:
         self.to_runner.send_string("")

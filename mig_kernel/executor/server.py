@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -69,6 +70,7 @@ class ExecutorServer:
                 self._handle(frames[0], frames[1:])
             self._check_deadline()
         self.dataplane.stop()
+        self.dataplane.runner.join(timeout=5)
         self.outbox.close()
         self.socket.close()
 
@@ -118,10 +120,18 @@ class ExecutorServer:
             # We cannot sign for a key we do not share; answer unsigned so the peer learns why.
             self.socket.send_multipart([route, *refusal(str(exc))])
         except MigKernelError as exc:
-            self._send(route, "error", error_body(exc), key, msg.id if msg else None)
+            self._send(route, "error", self._error_body(exc, msg), key, msg.id if msg else None)
         except Exception as exc:  # a bug: report it and keep serving
             log.exception("request failed")
-            self._send(route, "error", error_body(exc), key, msg.id if msg else None)
+            self._send(route, "error", self._error_body(exc, msg), key, msg.id if msg else None)
+
+    @staticmethod
+    def _error_body(exc: Exception, msg: Message | None) -> dict[str, Any]:
+        """An error reply, carrying the call id so the caller's future gets it."""
+        body = error_body(exc)
+        if msg is not None and isinstance(msg.body.get("call_id"), str):
+            body["call_id"] = msg.body["call_id"]
+        return body
 
     def _send(
         self, route: bytes, kind: str, body: dict, key: bytes, re: bytes | None, data: bytes = b""
@@ -155,6 +165,14 @@ class ExecutorServer:
             "served": self.served,
             "memory_used": self.dataplane.memory_used(),
         }
+
+    def control_spill(self, msg: Message, route: bytes) -> dict[str, Any]:
+        return self.dataplane.spill(Path(msg.body["path"]))
+
+    def control_restore(self, msg: Message, route: bytes) -> dict[str, Any]:
+        result = self.dataplane.restore(Path(msg.body["path"]))
+        self.touched = True  # it holds a tenant's data now
+        return result
 
     def control_shutdown(self, msg: Message, route: bytes) -> dict[str, Any]:
         self.running = False
@@ -218,8 +236,11 @@ def main() -> int:
         "executor %s warm in %.3f s (%s)", spec.executor_id, runtime.warm_seconds, runtime.name
     )
     context = zmq.Context()
-    try:
-        ExecutorServer(spec, runtime, context).serve()
-    finally:
-        context.term()
+    server = ExecutorServer(spec, runtime, context)
+    server.serve()
+    if server.dataplane.runner.is_alive():
+        # A function is still running and cannot be interrupted: leave without waiting for it.
+        logging.shutdown()
+        os._exit(0)
+    context.term()
     return 0

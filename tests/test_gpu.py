@@ -224,3 +224,40 @@ def test_torch_model_stays_on_the_slice(gpu_session) -> None:
     assert first.shape == (4, 32)
     np.testing.assert_array_equal(first, second)
     assert torch is not None
+
+
+def test_idle_reclaim_spills_and_restores_device_arrays(tmp_path: Path) -> None:
+    import time
+
+    import numpy as np
+
+    from mig_kernel.testing import BrokerProcess, all_free
+
+    broker = BrokerProcess(
+        tmp_path / "state",
+        [
+            "--backend",
+            "nvml",
+            "--idle-timeout",
+            "2",
+            "--Broker.stats_interval=0.3",
+            "--Broker.heartbeat_interval=0.5",
+        ],
+    )
+    broker.start()
+    try:
+        broker.wait_for(all_free, timeout=180)
+        seen: list[dict] = []
+        session = mig_kernel.connect(broker=broker.connection_file, on_reacquire=seen.append)
+        data = np.random.default_rng(3).random((1024, 1024), dtype=np.float32)
+        kept = session.run(lambda a: a * 3, data)
+        deadline = time.monotonic() + 30
+        while session.ended != "idle" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session.ended == "idle"
+        np.testing.assert_allclose(kept.get(), data * 3)  # restored on a fresh executor
+        record("gpu-spill-restore.json", seen)
+        assert seen and seen[0]["restored"] == 1
+        session.release()
+    finally:
+        broker.stop()

@@ -228,7 +228,7 @@ class Session:
         self._apply_lease(lease)
         self.released = False
         self._arena = Arena(self.id.removeprefix("L-"))
-        self._route = Route()
+        self._route = Route(connect=self._connection)
         self._conn: ExecutorConnection | None = None
         self._inherit: frozenset[int] = frozenset()  # handle epochs the next connection keeps
         self._start_heartbeat(lease)

@@ -116,10 +116,13 @@ class Route:
     so old handles keep working; after an executor is lost its handles are refused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, connect: Callable[[], ExecutorConnection] | None = None) -> None:
         self.conn: ExecutorConnection | None = None
+        self.connect = connect  # the Session's: re-acquires after an idle reclaim
 
     def current(self) -> ExecutorConnection:
+        if self.connect is not None:
+            return self.connect()
         if self.conn is None:
             raise ExecutorLost("this session has no executor connection any more")
         return self.conn

@@ -509,9 +509,14 @@ def connect(
     broker: str | os.PathLike[str] | None = None,
     on_queued: QueuedCallback | None = None,
     on_reacquire: Callable[[dict[str, Any]], None] | None = None,
+    reacquire: bool = True,
 ) -> Session:
     """Lease a slice from the node broker (found via ``broker``, ``$MIG_KERNEL_BROKER`` or the
-    default state dir) and return the Session holding it."""
+    default state dir) and return the Session holding it.
+
+    After an idle reclaim the session's next call leases again and restores its device data
+    (``on_reacquire`` is told how long that took); ``reacquire=False`` raises LeaseEnded
+    instead."""
     client = BrokerClient(broker)
     try:
         lease = client.acquire(
@@ -521,5 +526,9 @@ def connect(
         client.close()
         raise
     return Session(
-        client, lease, request={"profile": profile, "memory": memory}, on_reacquire=on_reacquire
+        client,
+        lease,
+        request={"profile": profile, "memory": memory},
+        reacquire=reacquire,
+        on_reacquire=on_reacquire,
     )

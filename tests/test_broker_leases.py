@@ -226,7 +226,7 @@ def test_session_heartbeats_keep_the_lease_and_notice_reclaim(make_broker) -> No
         "--Broker.idle_timeout=2",
         "--Broker.stats_interval=0.2",
     )
-    session = mig_kernel.connect(broker=broker.connection_file)
+    session = mig_kernel.connect(broker=broker.connection_file, reacquire=False)
     time.sleep(1.2)  # six heartbeat intervals: heartbeats keep it
     assert session.ended is None
     session.ping()  # GPU work keeps it from going idle

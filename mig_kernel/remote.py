@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .procs import pid_alive
 from .wire import payload
 from .wire.arena import Arena, Region
 from .wire.errors import (
@@ -331,7 +332,7 @@ class ExecutorConnection:
 
     def _check_alive(self) -> None:
         why = None
-        if self.pid is not None and not _pid_alive(self.pid):
+        if self.pid is not None and not pid_alive(self.pid):
             why = f"the executor (pid {self.pid}) died"
         else:
             why = self.executor_gone()
@@ -469,15 +470,6 @@ def _replace(value: Any, copies: dict[int, np.ndarray]) -> Any:
     if isinstance(value, dict):
         return {k: _replace(v, copies) for k, v in value.items()}
     return value
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2 :].split()[0] != b"Z"
 
 
 __all__ = [

@@ -118,12 +118,3 @@ def executor_pids(state_dir: Path) -> dict[str, int]:
         return dict(db.execute("SELECT slice_id, pid FROM executors").fetchall())
     finally:
         db.close()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rindex(b")") + 2 :].split()[0] != b"Z"

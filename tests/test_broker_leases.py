@@ -8,7 +8,8 @@ import time
 import pytest
 
 import mig_kernel
-from mig_kernel.testing import count, executor_pids, pid_alive
+from mig_kernel.procs import pid_alive
+from mig_kernel.testing import count, executor_pids
 from mig_kernel.wire import errors as E
 
 MIXED = "H100-80GB:3g.40gb,2g.20gb,1g.10gb,1g.10gb"

@@ -13,7 +13,8 @@ import time
 import pytest
 
 import mig_kernel
-from mig_kernel.testing import all_free, count, executor_pids, pid_alive
+from mig_kernel.procs import pid_alive
+from mig_kernel.testing import all_free, count, executor_pids
 from mig_kernel.wire import errors as E
 
 

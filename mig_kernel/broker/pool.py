@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from ..procs import proc_start_ticks
 from ..slices.model import SliceInfo
 from ..wire.errors import AuthenticationError, MigKernelError
 from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
@@ -27,22 +28,6 @@ from ..wire.signing import new_key
 from .state import Executor, new_id
 
 log = logging.getLogger("mig_kernel.broker")
-
-
-def proc_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat), None if gone.
-
-    Together with the pid it names one process for good: a recycled pid has another start time.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] == b"Z":
-        return None  # a zombie has finished
-    return int(fields[19])
 
 
 class ExecutorPool:

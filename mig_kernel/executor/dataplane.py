@@ -36,7 +36,7 @@ RUNNER = "inproc://executor-runner"
 
 
 class UnknownHandle(KeyError):
-    pass
+    """A handle id this executor does not hold (freed, or lost with a replaced executor)."""
 
 
 @dataclass

@@ -216,7 +216,7 @@ class NvmlInventory(Inventory):
             try:
                 return card.profile_by_id(profile_id).name
             except UnknownProfile:
-                pass
+                pass  # a profile our table lacks (newer driver): ask the driver below
         if index not in self._nvml_names:
             self._nvml_names[index] = self._read_profile_names(h)
         return self._nvml_names[index].get(profile_id, f"profile-{profile_id}")

@@ -46,7 +46,7 @@ def _segment_dir() -> Path:
         if os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize >= SHM_MIN_FREE:
             return shm
     except OSError:
-        pass
+        pass  # no /dev/shm at all: the temp dir below serves
     return Path(tempfile.gettempdir())
 
 

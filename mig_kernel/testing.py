@@ -118,3 +118,14 @@ def executor_pids(state_dir: Path) -> dict[str, int]:
         return dict(db.execute("SELECT slice_id, pid FROM executors").fetchall())
     finally:
         db.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``mig-kernel ARGS`` in a child process, as a user types it (no Jupyter config path)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mig_kernel", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, JUPYTER_CONFIG_PATH="", **(env or {})),
+    )

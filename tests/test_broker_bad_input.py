@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
 
-from mig_kernel.testing import count
+from mig_kernel.testing import count, run_cli
 from mig_kernel.wire import errors as E
 from mig_kernel.wire.connection import read_connection_file
 from mig_kernel.wire.messages import encode, refusal_reason
@@ -93,19 +91,6 @@ def test_oversized_message_does_not_hurt_the_broker(raw) -> None:
     sock.send_multipart(encode("status", {"junk": "x" * (16 * 2**20)}, info.key_bytes))
     with broker.client() as c:
         assert count(c.status(), "free") == 2
-
-
-def run_cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    env = dict(os.environ, JUPYTER_CONFIG_PATH="", **(env_extra or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "mig_kernel", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
 
 
 @pytest.mark.parametrize(

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from mig_kernel.testing import run_cli
 
-def cli(broker_file: Path | str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MIG_KERNEL_BROKER=str(broker_file), JUPYTER_CONFIG_PATH="")
-    return subprocess.run(
-        [sys.executable, "-m", "mig_kernel", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+
+def cli(broker_file: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, env={"MIG_KERNEL_BROKER": str(broker_file)})
 
 
 def test_status_table_and_json(make_broker) -> None:

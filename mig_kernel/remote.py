@@ -368,7 +368,15 @@ class ExecutorConnection:
         if msg.type == "result":
             invocation.timings = body.get("timings") or {}
             try:
-                value = payload.loads(msg.payload[0], self._unpickle_hook)
+                made: dict[int, Any] = {}  # one handle object per handle id in a result
+                value = payload.loads(
+                    msg.payload[0],
+                    lambda pid: (
+                        made[pid[1]]
+                        if pid[1] in made
+                        else made.setdefault(pid[1], self._unpickle_hook(pid))
+                    ),
+                )
             except BaseException as exc:
                 invocation._resolve(error=exc)
                 return

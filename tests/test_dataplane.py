@@ -282,3 +282,14 @@ def test_malformed_invocations_get_clear_errors(session) -> None:
     with pytest.raises(BadRequest, match="fetch needs items"):
         conn._call("fetch", {"items": "all"})
     assert session.run(lambda: 3) == 3
+
+
+def test_results_needing_cloudpickle_keep_one_handle_per_array(session) -> None:
+    def fn():
+        a = xp.ones(1000)  # noqa: F821
+        return a, a, (lambda: 1)  # the lambda forces the by-value pickler
+
+    first, second, func = session.run(fn)
+    assert first is second and func() == 1  # one handle, one RemoteArray: freed once
+    broker = session.broker_process
+    broker.wait_for(lambda s: any(x["mine"] and x["memory_used"] == 8000 for x in s["slices"]))

@@ -287,12 +287,24 @@ class DataPlane:
 
     def _pickle_result(self, result: Any) -> bytes:
         """Pickle a result; if that fails (an object that cannot leave this process), the whole
-        result stays here as one opaque handle."""
+        result stays here as one opaque handle. Handles made by a failed attempt are dropped."""
+        made: dict[int, tuple[Any, ...]] = {}  # id(obj) -> pid: the fallback pickler reuses it
+
+        def keep(obj: Any) -> tuple[Any, ...] | None:
+            pid = made.get(id(obj))
+            if pid is None:
+                pid = self._keep_on_device(obj)
+                if pid is not None:
+                    made[id(obj)] = pid
+            return pid
+
         try:
-            return payload.dumps(result, self._keep_on_device)
+            return payload.dumps(result, keep)
         except MemoryError:
+            self.free([pid[1] for pid in made.values()])
             raise  # the result exceeds the slice's memory cap: an error, not a handle
         except Exception:
+            self.free([pid[1] for pid in made.values()])
             name = f"{type(result).__module__}.{type(result).__qualname__}"
             opaque = _Opaque(self.store(result), name)
             return payload.dumps(opaque, lambda o: o.pid() if isinstance(o, _Opaque) else None)

@@ -179,7 +179,7 @@ def machine() -> dict[str, Any]:
                 line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
             )
     except (OSError, StopIteration):
-        pass
+        pass  # no /proc/cpuinfo model line: the report leaves the CPU name empty
     return {
         "host": platform.node(),
         "cpu": model,

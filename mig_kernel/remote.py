@@ -29,7 +29,6 @@ from .wire.arena import Arena, Region
 from .wire.errors import (
     AuthenticationError,
     ExecutorUnavailable,
-    MigKernelError,
     error_from_code,
 )
 from .wire.messages import decode, encode, refusal_reason
@@ -368,15 +367,8 @@ class ExecutorConnection:
         if msg.type == "result":
             invocation.timings = body.get("timings") or {}
             try:
-                made: dict[int, Any] = {}  # one handle object per handle id in a result
-                value = payload.loads(
-                    msg.payload[0],
-                    lambda pid: (
-                        made[pid[1]]
-                        if pid[1] in made
-                        else made.setdefault(pid[1], self._unpickle_hook(pid))
-                    ),
-                )
+                made: dict[int, Any] = {}
+                value = payload.loads(msg.payload[0], lambda pid: self._handle_for(pid, made))
             except BaseException as exc:
                 invocation._resolve(error=exc)
                 return
@@ -387,13 +379,18 @@ class ExecutorConnection:
                 self.lost = body["message"]
             invocation._resolve(error=exc)
 
-    def _unpickle_hook(self, pid: tuple[Any, ...]) -> Any:
-        if pid[0] == "h":
-            _, handle, shape, dtype, nbytes = pid
-            return RemoteArray(self, handle, shape, dtype, nbytes)
-        if pid[0] == "obj":
-            return RemoteObject(self, pid[1], pid[2])
-        raise ValueError(f"unknown persistent id {pid[0]!r}")
+    def _handle_for(self, pid: tuple[Any, ...], made: dict[int, Any]) -> Any:
+        """The handle object of a result's persistent id: one per handle id, so a handle that
+        appears twice is freed once."""
+        handle = pid[1]
+        if handle not in made:
+            if pid[0] == "h":
+                made[handle] = RemoteArray(self, handle, pid[2], pid[3], pid[4])
+            elif pid[0] == "obj":
+                made[handle] = RemoteObject(self, handle, pid[2])
+            else:
+                raise ValueError(f"unknown persistent id {pid[0]!r}")
+        return made[handle]
 
     @staticmethod
     def _exception(body: dict[str, Any], pickled: bytes) -> BaseException:
@@ -484,7 +481,6 @@ __all__ = [
     "ExecutorConnection",
     "ExecutorLost",
     "Invocation",
-    "MigKernelError",
     "RemoteArray",
     "RemoteError",
     "RemoteObject",

@@ -12,8 +12,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# JupyterLab with the demos and the broker embedded; Ctrl-C stops both (make run ARGS="--no-browser").
 run: $(VENV)/.installed
-	scripts/run-main
+	$(VENV)/bin/mig-kernel lab $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -8,16 +8,19 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
-from jupyter_core.paths import jupyter_config_path
-from traitlets import Bool, Enum, Int, Unicode
+from jupyter_core.paths import jupyter_config_path, jupyter_path
+from traitlets import Bool, Enum, Int, List, Unicode
 from traitlets.config import Application, catch_config_error
 
 from . import __version__
 from .broker.identity import LocalUserIdentity
 from .broker.server import Broker, BrokerStartError
 from .client import BrokerClient
+from .jupyter import kernelspec
+from .jupyter.lab import LabError, LabOptions, run_lab
 from .slices import DEFAULT_SIM_LAYOUT, SliceError, make_inventory
 from .wire.errors import MigKernelError
 
@@ -196,6 +199,159 @@ class ApplyLayoutApp(ClientApp):
         print(json.dumps(self.run(lambda c: c.apply_layout(gpu, layout)), indent=1))
 
 
+class InstallKernelspecApp(BaseApp):
+    name = "mig-kernel install-kernelspec"
+    description = (
+        "Install the kernelspecs of the node's slices: mig-python3 (any slice) and "
+        "mig-python3-<profile> for each profile (default: into this environment)."
+    )
+    user = Bool(False, help="Install into the user's Jupyter data dir.").tag(config=True)
+    prefix = Unicode(
+        "", help="Install into PREFIX/share/jupyter/kernels (default: sys.prefix, this env)."
+    ).tag(config=True)
+    profiles = List(
+        Unicode(),
+        help="Only these profiles (repeat, or separate with commas), plus mig-python3. "
+        "Default: every profile the node offers.",
+    ).tag(config=True)
+    acquire = Enum(
+        list(kernelspec.ACQUIRE_MODES),
+        "eager",
+        help="eager: lease the slice when the kernel starts; lazy: at the first GPU cell.",
+    ).tag(config=True)
+    idle_timeout = Int(
+        None,
+        allow_none=True,
+        help="Seconds of GPU inactivity after which a kernel's slice goes back to the pool "
+        "(default: the broker's).",
+    ).tag(config=True)
+    connection_file = Unicode(
+        "",
+        help="The broker whose profiles to install (default: $MIG_KERNEL_BROKER, then the "
+        "state dir; with no broker answering, the node is discovered locally).",
+    ).tag(config=True)
+    aliases = {
+        "prefix": "InstallKernelspecApp.prefix",
+        "profile": "InstallKernelspecApp.profiles",
+        "acquire": "InstallKernelspecApp.acquire",
+        "idle-timeout": "InstallKernelspecApp.idle_timeout",
+        "broker": "InstallKernelspecApp.connection_file",
+    }
+    flags = {
+        "user": ({"InstallKernelspecApp": {"user": True}}, "Install for this user only."),
+        "sys-prefix": (
+            {"InstallKernelspecApp": {"prefix": sys.prefix}},
+            f"Install into this environment ({sys.prefix}); the default.",
+        ),
+    }
+
+    def start(self) -> None:
+        if self.user and self.prefix:
+            self.fail("give one of --user, --sys-prefix, --prefix")
+        offered = kernelspec.node_profiles(self.connection_file or None)
+        wanted = [p.strip() for item in self.profiles for p in item.split(",") if p.strip()]
+        chosen = offered
+        if wanted:
+            names = {profile.lower() for profile, _ in offered}
+            unknown = [p for p in wanted if p.lower() not in names]
+            if unknown:
+                self.fail(
+                    f"the node does not offer {', '.join(unknown)}; it offers "
+                    f"{', '.join(p for p, _ in offered) or 'no slice'}",
+                    code=1,
+                )
+            lowered = {p.lower() for p in wanted}
+            chosen = [pair for pair in offered if pair[0].lower() in lowered]
+        installed = kernelspec.install_kernelspecs(
+            chosen,
+            user=self.user,
+            prefix=self.prefix or None,
+            acquire=self.acquire,
+            idle_timeout=self.idle_timeout,
+            any_isolations=[isolation for _, isolation in offered],
+            prune=not wanted,
+        )
+        for name, path in installed:
+            spec = json.loads((Path(path) / "kernel.json").read_text())
+            print(f"{name}\t{spec['display_name']}\t{path}")
+        kernels_dir = Path(installed[0][1]).parent
+        if str(kernels_dir) not in jupyter_path("kernels"):
+            print(
+                f"note: {kernels_dir} is not on Jupyter's kernel path; add "
+                f"{kernels_dir.parent} to JUPYTER_PATH",
+                file=sys.stderr,
+            )
+
+
+class LabApp(BaseApp):
+    name = "mig-kernel lab"
+    description = (
+        "The main job: the node broker (unless one already runs on the state dir) and "
+        "JupyterLab with the mig-kernel kernelspecs and the demos. Ctrl-C stops both and "
+        "releases every slice. Arguments after -- go to JupyterLab."
+    )
+    backend = Enum(
+        ["auto", "nvml", "sim"],
+        "auto",
+        help="Where the started broker's slices come from: nvml, sim, or auto (nvml if a GPU "
+        "is found, else sim).",
+    ).tag(config=True)
+    sim_layout = Unicode(
+        DEFAULT_SIM_LAYOUT, help="The simulated node of a started broker (see broker --help)."
+    ).tag(config=True)
+    share = Int(1, help="A started broker splits each GPU without MIG into N slices.").tag(
+        config=True
+    )
+    state_dir = Unicode(
+        "",
+        help="The broker's state dir (default: $MIG_KERNEL_STATE_DIR, else "
+        "$XDG_STATE_HOME/mig-kernel). A broker already answering there is used and left running.",
+    ).tag(config=True)
+    port = Int(0, help="JupyterLab's port (0: Jupyter's default, 8888 or the next free).").tag(
+        config=True
+    )
+    open_browser = Bool(True, help="Open JupyterLab in a browser.").tag(config=True)
+    root_dir = Unicode(
+        "",
+        help="JupyterLab's root folder (default: the checkout's demos/, else a copy of the "
+        "packaged demos in ./mig-kernel-demos).",
+    ).tag(config=True)
+    kernelspec_prefix = Unicode(
+        "",
+        help="Install the kernelspecs into PREFIX/share/jupyter/kernels (added to JupyterLab's "
+        "JUPYTER_PATH) instead of this environment's sys.prefix.",
+    ).tag(config=True)
+    aliases = {
+        "backend": "LabApp.backend",
+        "sim-layout": "LabApp.sim_layout",
+        "share": "LabApp.share",
+        "state-dir": "LabApp.state_dir",
+        "port": "LabApp.port",
+        "root-dir": "LabApp.root_dir",
+        "kernelspec-prefix": "LabApp.kernelspec_prefix",
+    }
+    flags = {"no-browser": ({"LabApp": {"open_browser": False}}, "Do not open a browser.")}
+
+    def start(self) -> None:
+        options = LabOptions(
+            backend=self.backend,
+            sim_layout=self.sim_layout,
+            share=self.share,
+            state_dir=self.state_dir,
+            port=self.port,
+            open_browser=self.open_browser,
+            root_dir=self.root_dir,
+            kernelspec_prefix=self.kernelspec_prefix,
+            extra_args=list(self.extra_args),
+        )
+        try:
+            code = run_lab(options, Path(__file__).resolve().parent)
+        except LabError as exc:
+            self.fail(str(exc), code=exc.code)
+            return
+        self.exit(code)
+
+
 class MigKernelApp(BaseApp):
     name = "mig-kernel"
     description = "Isolated GPU slices for notebook kernels."
@@ -206,6 +362,8 @@ class MigKernelApp(BaseApp):
         "drain": (DrainApp, DrainApp.description),
         "undrain": (UndrainApp, UndrainApp.description),
         "apply-layout": (ApplyLayoutApp, ApplyLayoutApp.description),
+        "install-kernelspec": (InstallKernelspecApp, InstallKernelspecApp.description),
+        "lab": (LabApp, LabApp.description),
     }
 
     def start(self) -> None:

@@ -29,6 +29,7 @@ from .wire.errors import (
     BrokerUnavailable,
     ExecutorUnavailable,
     LeaseEnded,
+    LeaseNotFound,
     MigKernelError,
 )
 
@@ -99,10 +100,13 @@ class BrokerClient:
         timeout: float | None = None,
         on_queued: QueuedCallback | None = None,
         restore: str | None = None,
+        idle_timeout: float | None = None,
+        tag: str | None = None,
     ) -> dict[str, Any]:
         """Lease a slice; waits in the broker's FIFO queue unless ``wait=False``. ``restore``
-        names an idle-reclaimed lease whose spilled device data the new executor loads (the
-        reply's ``restored`` says how it went).
+        names an idle-reclaimed (or suspended) lease whose spilled device data the new executor
+        loads (the reply's ``restored`` says how it went). ``idle_timeout`` asks for a shorter
+        idle reclaim than the broker's; ``tag`` labels the lease for ``leases(tag=...)``.
 
         While queued the request is re-sent every ``queue_keepalive`` seconds (the broker drops
         waiters that stop doing so, and a restarted broker learns of the waiter again); each
@@ -116,6 +120,8 @@ class BrokerClient:
             "timeout": timeout,
             "ticket": ticket,
             "restore": restore,
+            "idle_timeout": idle_timeout,
+            "tag": tag,
         }
         keepalive = float(self.session.get("queue_keepalive", 1.0))
         deadline = time.monotonic() + timeout if timeout is not None else None
@@ -149,8 +155,15 @@ class BrokerClient:
         with contextlib.suppress(MigKernelError):
             self.channel.call("cancel", {"ticket": ticket}, timeout=2.0)
 
-    def release(self, lease_id: str) -> dict[str, Any]:
+    def release(self, lease_id: str, *, spill: bool = False) -> dict[str, Any]:
+        """End a lease; with ``spill`` its device data is first saved for a later restore."""
+        if spill:
+            return self.request("release", timeout=180.0, lease_id=lease_id, spill=True)
         return self.request("release", lease_id=lease_id)
+
+    def leases(self, tag: str | None = None) -> list[dict[str, Any]]:
+        """The caller's active leases (only those labelled ``tag`` if given)."""
+        return self.request("leases", tag=tag)["leases"]
 
     def heartbeat(self, lease_ids: list[str]) -> dict[str, Any]:
         return self.request("heartbeat", lease_ids=lease_ids)["leases"]
@@ -196,14 +209,21 @@ def _heartbeat_loop(
                 state["last_error"] = str(exc)  # broker restarting: keep trying
                 continue
             state["last_error"] = None
-            if reply.get("state") == "active":
-                state["idle_seconds"] = reply.get("idle_seconds")
-                state["generation"] = reply.get("generation", 0)
-            else:
-                state["ended"] = reply.get("reason") or reply.get("state")
+            if not _note_heartbeat(state, reply):
                 return
     finally:
         broker.close()
+
+
+def _note_heartbeat(state: dict[str, Any], reply: dict[str, Any]) -> bool:
+    """Record a heartbeat answer in a Session's state; False once the lease has ended."""
+    if reply.get("state") == "active":
+        state["idle_seconds"] = reply.get("idle_seconds")
+        state["idle_at"] = time.monotonic()
+        state["generation"] = reply.get("generation", 0)
+        return True
+    state["ended"] = reply.get("reason") or reply.get("state")
+    return False
 
 
 class Session:
@@ -218,15 +238,27 @@ class Session:
         request: dict[str, Any] | None = None,
         reacquire: bool = True,
         on_reacquire: Callable[[dict[str, Any]], None] | None = None,
+        on_queued: QueuedCallback | None = None,
     ):
         self.broker = broker
         self._owns_broker = owns_broker
-        self.request = request or {"profile": lease["slice"]["profile"], "memory": None}
+        self.request = {
+            "profile": None,
+            "memory": None,
+            "idle_timeout": None,
+            "tag": None,
+            **(lease.get("request") or {}),
+            **(request or {}),
+        }
         self.reacquire = reacquire  # after an idle reclaim, lease again on the next call
         self.on_reacquire = on_reacquire
+        self.on_queued = on_queued  # told the queue position while a re-acquire waits
         self.reacquired: dict[str, Any] | None = None
         self._apply_lease(lease)
         self.released = False
+        self.detached = False
+        self._last_call = time.monotonic()
+        self._held_epochs: frozenset[int] = frozenset()  # handle epochs kept over a suspend
         self._arena = Arena(self.id.removeprefix("L-"))
         self._route = Route(connect=self._connection)
         self._conn: ExecutorConnection | None = None
@@ -251,9 +283,14 @@ class Session:
         device data, and every RemoteArray of this session keeps working."""
         started = time.perf_counter()
         old_id = self.id
-        inherited = self._conn.epochs if self._conn is not None else frozenset()
+        inherited = self._conn.epochs if self._conn is not None else self._held_epochs
         lease = self.broker.acquire(
-            self.request.get("profile"), memory=self.request.get("memory"), restore=old_id
+            self.request.get("profile"),
+            memory=self.request.get("memory"),
+            idle_timeout=self.request.get("idle_timeout"),
+            tag=self.request.get("tag"),
+            restore=old_id,
+            on_queued=self.on_queued,
         )
         self._stop.set()
         if self._conn is not None:
@@ -297,8 +334,18 @@ class Session:
 
     @property
     def ended(self) -> str | None:
-        """Why the broker ended the lease (``idle``, ``holder_lost``...), None while held."""
+        """Why the lease ended (``idle``, ``suspended``, ``holder_lost``...), None while held."""
         return self._state["ended"]
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """Seconds since the slice last did work for this lease, as of the last heartbeat."""
+        return self._state.get("idle_seconds")
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds of idleness after which the broker reclaims the slice (0: never)."""
+        return float(self.lease.get("idle_timeout") or 0.0)
 
     def __repr__(self) -> str:
         state = (
@@ -311,15 +358,33 @@ class Session:
 
     # -- executor ------------------------------------------------------------------------
     def _check_held(self) -> None:
+        if self.detached:
+            raise LeaseEnded(f"lease {self.id} was detached from this session")
         if self.released:
             raise LeaseEnded(f"lease {self.id} was released")
-        if self.ended == "idle" and self.reacquire:
+        if self.ended is None and self._near_idle_reclaim():
+            # The broker may be reclaiming it right now: ask instead of racing the reclaim.
+            with contextlib.suppress(MigKernelError):
+                _note_heartbeat(self._state, self.broker.heartbeat([self.id]).get(self.id, {}))
+        if self.ended in ("idle", "suspended") and self.reacquire:
             self._reacquire()
             return
         if self.ended:
             raise LeaseEnded(
                 f"lease {self.id} was ended by the broker: {self.ended}", reason=self.ended
             )
+
+    def _near_idle_reclaim(self, margin: float = 1.0) -> bool:
+        """Whether the lease may have been idle for about its idle timeout by now."""
+        limit = self.idle_timeout
+        if limit <= 0:
+            return False
+        now = time.monotonic()
+        idle = now - self._last_call
+        seen, at = self._state.get("idle_seconds"), self._state.get("idle_at")
+        if seen is not None and at is not None:
+            idle = min(idle, float(seen) + now - at)
+        return idle > limit - margin
 
     def refresh(self) -> None:
         """Re-read the lease (a replaced executor has a new endpoint)."""
@@ -406,7 +471,9 @@ class Session:
         flight (the executor stages the inputs of the next while the current one computes)."""
         if not callable(fn):
             raise TypeError(f"run/submit needs a function, got {type(fn).__name__}")
-        return self._connection().submit("invoke", fn, (args, kwargs), {}, to_host, timeout)
+        conn = self._connection()
+        self._last_call = time.monotonic()
+        return conn.submit("invoke", fn, (args, kwargs), {}, to_host, timeout)
 
     def run(
         self,
@@ -417,8 +484,37 @@ class Session:
         **kwargs: Any,
     ) -> Any:
         """Run ``fn`` on the slice. Device arrays in the result come back as RemoteArray (numpy
-        with ``to_host=True``); inside ``fn``, ``xp`` is the slice's array module."""
+        with ``to_host=True``); inside ``fn``, ``xp`` is the slice's array module.
+
+        A call that meets the slice being reclaimed for idleness (the executor refuses it, or
+        has just exited after saving the data) never ran: it is sent again after the
+        re-acquire, once."""
+        invocation = self.submit(fn, *args, to_host=to_host, timeout=timeout, **kwargs)
+        try:
+            return invocation.result()
+        except (LeaseEnded, ExecutorUnavailable) as exc:
+            if not self._reclaimed_under(exc):
+                raise
         return self.submit(fn, *args, to_host=to_host, timeout=timeout, **kwargs).result()
+
+    def _reclaimed_under(self, exc: MigKernelError) -> bool:
+        """Whether ``exc`` came from an idle reclaim (or suspend) that the call lost the race
+        to; if so the Session now knows the lease ended, and re-acquires on its next call."""
+        if not self.reacquire or self.released or self.detached:
+            return False
+        if isinstance(exc, LeaseEnded) and exc.details.get("reason") != "reclaimed":
+            return False
+        deadline = time.monotonic() + 180.0  # the spill may still be writing
+        while self.ended is None and time.monotonic() < deadline:
+            try:
+                _note_heartbeat(self._state, self.broker.heartbeat([self.id]).get(self.id, {}))
+            except MigKernelError:
+                return False
+            if self.ended is None:
+                if not isinstance(exc, LeaseEnded):
+                    return False  # the executor died but the lease lives: a real loss
+                time.sleep(0.05)
+        return self.ended in ("idle", "suspended")
 
     # Call-level remoting, as the original system remotes CUDA calls.
     def put(self, array: np.ndarray) -> RemoteArray:
@@ -462,9 +558,46 @@ class Session:
             None,
         ).result()
 
+    def reset(self) -> int:
+        """Free every device object the executor holds for this lease, also those of other
+        processes that held it before (a restarted kernel's predecessor). Returns how many."""
+        return int(self._connection()._call("reset", {}).get("freed", 0))
+
     # -- ending --------------------------------------------------------------------------
+    def suspend(self) -> dict[str, Any]:
+        """Give the slice back now but keep this session's device data: it is spilled to host
+        storage (as on an idle reclaim), and the next call leases a slice again and restores
+        it, so every RemoteArray keeps working. Returns the spill report."""
+        self._check_held()
+        self._stop.set()
+        if self._conn is not None:
+            self._held_epochs = self._conn.epochs
+            self._conn.close()
+            self._conn = None
+        try:
+            reply = self.broker.release(self.id, spill=True)
+        finally:
+            self._state["ended"] = "suspended"
+        return dict(reply.get("spilled") or {})
+
+    def detach(self) -> None:
+        """Stop using the lease without ending it (heartbeats stop): another process of the
+        same user (a restarted kernel) takes it over with ``attach``."""
+        if self.released or self.detached:
+            return
+        self.detached = True
+        self._stop.set()
+        _open_sessions.discard(self)
+        if self._conn is not None:
+            self._conn.close()
+        self._arena.close()
+        if self._owns_broker:
+            self.broker.close()
+
     def release(self) -> None:
         """Give the slice back. A second release raises LeaseEnded."""
+        if self.detached:
+            raise LeaseEnded(f"lease {self.id} was detached from this session")
         if self.released:
             raise LeaseEnded(f"lease {self.id} was already released by this session")
         self.released = True
@@ -474,14 +607,15 @@ class Session:
             self._conn.close()
         self._arena.close()
         try:
-            self.broker.release(self.id)
+            if self.ended != "suspended":  # a suspended lease has ended already
+                self.broker.release(self.id)
         finally:
             if self._owns_broker:
                 self.broker.close()
 
     def close(self) -> None:
         """Release if still held; never raises for a lease that already ended."""
-        if not self.released:
+        if not self.released and not self.detached:
             with contextlib.suppress(LeaseEnded):
                 self.release()
 
@@ -510,17 +644,26 @@ def connect(
     on_queued: QueuedCallback | None = None,
     on_reacquire: Callable[[dict[str, Any]], None] | None = None,
     reacquire: bool = True,
+    idle_timeout: float | None = None,
+    tag: str | None = None,
 ) -> Session:
     """Lease a slice from the node broker (found via ``broker``, ``$MIG_KERNEL_BROKER`` or the
     default state dir) and return the Session holding it.
 
     After an idle reclaim the session's next call leases again and restores its device data
     (``on_reacquire`` is told how long that took); ``reacquire=False`` raises LeaseEnded
-    instead."""
+    instead. ``idle_timeout`` asks for a shorter idle reclaim than the broker's default;
+    ``tag`` labels the lease so another process of the user can ``attach`` to it."""
     client = BrokerClient(broker)
     try:
         lease = client.acquire(
-            profile, memory=memory, wait=wait, timeout=timeout, on_queued=on_queued
+            profile,
+            memory=memory,
+            wait=wait,
+            timeout=timeout,
+            on_queued=on_queued,
+            idle_timeout=idle_timeout,
+            tag=tag,
         )
     except BaseException:
         client.close()
@@ -528,7 +671,36 @@ def connect(
     return Session(
         client,
         lease,
-        request={"profile": profile, "memory": memory},
+        request={"profile": profile, "memory": memory, "idle_timeout": idle_timeout, "tag": tag},
         reacquire=reacquire,
         on_reacquire=on_reacquire,
+        on_queued=on_queued,
     )
+
+
+def attach(
+    lease_id: str | None = None,
+    *,
+    tag: str | None = None,
+    broker: str | os.PathLike[str] | None = None,
+    on_reacquire: Callable[[dict[str, Any]], None] | None = None,
+    on_queued: QueuedCallback | None = None,
+) -> Session | None:
+    """Take over a lease this user already holds (acquired by another process, such as a
+    kernel's provisioner or the kernel before a restart), by id or by tag; None if there is no
+    such active lease. The Session heartbeats it from now on."""
+    client = BrokerClient(broker)
+    try:
+        if lease_id is not None:
+            lease: dict[str, Any] | None = client.lease(lease_id)["lease"]
+        else:
+            lease = next(iter(client.leases(tag=tag)), None)
+    except (LeaseEnded, LeaseNotFound):
+        lease = None
+    except BaseException:
+        client.close()
+        raise
+    if lease is None:
+        client.close()
+        return None
+    return Session(client, lease, on_reacquire=on_reacquire, on_queued=on_queued)

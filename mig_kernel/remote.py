@@ -11,6 +11,7 @@ dead executor is reported within a second instead of after the call's timeout.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import itertools
 import os
 import sys
@@ -34,6 +35,7 @@ from .wire.errors import (
 from .wire.messages import decode, encode, refusal_reason
 
 POLL_SLICE = 0.25  # seconds between executor liveness checks while waiting
+CANCEL_GRACE = 3.0  # seconds an interrupted wait gives the executor to stop the call
 
 
 class ExecutorLost(ExecutorUnavailable):
@@ -215,6 +217,7 @@ class ExecutorConnection:
         self.pending: dict[str, Invocation] = {}
         self.replies: dict[str, tuple[str, dict[str, Any]]] = {}
         self.to_free: list[int] = []
+        self.abandoned: set[str] = set()  # interrupted calls whose late results are dropped
         self.lost: str | None = None
         self.closed = False
 
@@ -294,14 +297,47 @@ class ExecutorConnection:
 
     # ---------------------------------------------------------------- receiving
     def wait_for(self, invocation: Invocation, timeout: float | None) -> None:
+        """Receive until ``invocation`` is done. An interrupt (Ctrl-C, a kernel interrupt)
+        cancels the call on the executor before it propagates."""
         deadline = time.monotonic() + timeout if timeout is not None else None
-        while not invocation.done():
+        try:
+            while not invocation.done():
+                with self.lock:
+                    if invocation.done():
+                        return
+                    self._receive_some(POLL_SLICE)
+                if deadline is not None and time.monotonic() > deadline and not invocation.done():
+                    raise TimeoutError(f"no result from the slice within {timeout:g} s")
+        except KeyboardInterrupt:
+            self.cancel(invocation)
+            raise
+
+    def cancel(self, invocation: Invocation, grace: float = CANCEL_GRACE) -> bool:
+        """Ask the executor to drop ``invocation`` (queued) or interrupt it (running) and wait
+        up to ``grace`` seconds for it to end; a second interrupt stops the wait. True if it
+        ended; otherwise its late result is discarded when it comes."""
+        if invocation.done() or self.lost or self.closed:
+            return invocation.done()
+        with contextlib.suppress(ExecutorUnavailable, zmq.ZMQError):
             with self.lock:
-                if invocation.done():
-                    return
-                self._receive_some(POLL_SLICE)
-            if deadline is not None and time.monotonic() > deadline and not invocation.done():
-                raise TimeoutError(f"no result from the slice within {timeout:g} s")
+                self._send(
+                    "cancel",
+                    {"call_id": f"cancel-{os.urandom(4).hex()}", "target": invocation.call_id},
+                )
+            deadline = time.monotonic() + grace
+            try:
+                while not invocation.done() and time.monotonic() < deadline:
+                    with self.lock:
+                        self._receive_some(0.05)
+            except KeyboardInterrupt:
+                pass
+        if invocation.done():
+            return True
+        with self.lock:
+            if self.pending.pop(invocation.call_id, None) is not None:
+                self.abandoned.add(invocation.call_id)
+        invocation._resolve(error=KeyboardInterrupt("cancelled; the call was still running"))
+        return False
 
     def _call(self, msg_type: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         """A plain request/reply on this connection (fetch, free)."""
@@ -358,10 +394,14 @@ class ExecutorConnection:
             target.flush()
             return
         invocation = self.pending.pop(call_id, None)
+        if invocation is None and call_id in self.abandoned:
+            self.abandoned.discard(call_id)
+            if msg.type == "result":  # its handles are freed as soon as they are collected
+                with contextlib.suppress(Exception):
+                    payload.loads(msg.payload[0], lambda pid: self._handle_for(pid, {}))
+            return
         if invocation is None:
-            if (
-                msg.re is None or msg.type == "error"
-            ):  # a reply to fetch/free: kept for its caller (or dropped)
+            if call_id:  # a reply to fetch, reset...: kept for its caller (``_call``)
                 self.replies[call_id] = (msg.type, body)
             return
         if msg.type == "result":

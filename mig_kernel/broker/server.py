@@ -137,6 +137,7 @@ class Broker(LoggingConfigurable):
         self.clients: dict[str, Client] = {}
         self.queue: list[Ticket] = []
         self.pending_restores: dict[str, tuple[bytes, bytes, bytes, str, str]] = {}
+        self.pending_suspends: dict[str, tuple[bytes, bytes, bytes]] = {}  # lease -> reply to
         self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
         self.dirty = True
         self.seq = 0
@@ -488,11 +489,17 @@ class Broker(LoggingConfigurable):
         timeout = self._field(body, "timeout", (int, float), None)
         ticket_id = self._field(body, "ticket", str, None) or new_id("T")
         restore = self._field(body, "restore", str, None)
+        idle_timeout = self._field(body, "idle_timeout", (int, float), None)
+        tag = self._field(body, "tag", str, None)
         if memory is not None and memory <= 0:
             raise E.BadRequest(f"memory must be a positive number of bytes, got {memory}")
         if timeout is not None and timeout < 0:
             raise E.BadRequest(f"timeout must not be negative, got {timeout}")
-        request = Request(profile, memory)
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise E.BadRequest(f"idle_timeout must be positive seconds, got {idle_timeout}")
+        if tag is not None and len(tag) > 200:
+            raise E.BadRequest(f"tag is {len(tag)} characters long; at most 200 are allowed")
+        request = Request(profile, memory, float(idle_timeout) if idle_timeout else None, tag)
 
         granted = self._lease_for_ticket(client, ticket_id)
         if granted is not None:  # a re-sent acquire whose grant the client has not seen
@@ -638,20 +645,18 @@ class Broker(LoggingConfigurable):
         body = {"status": "granted", "lease": self._lease_json(lease), "restored": result}
         self._reply(route, reply_to, key, body)
 
-    def _spill_idle(self, lease: Lease, now: float) -> None:
-        """Idle reclaim: the executor first writes the lease's device data to the user's spill
-        directory, then the lease ends; the holder's next acquire can restore it."""
-        if lease.spill_deadline is not None:
-            if now > lease.spill_deadline:
-                self._end_lease(lease, "idle")  # the spill never answered: data is lost
-            return
+    def _start_spill(self, lease: Lease, now: float, reason: str) -> bool:
+        """Idle reclaim (or a suspend): the executor first writes the lease's device data to
+        the user's spill directory, then the lease ends with ``reason``; the holder's next
+        acquire can restore it. False when there is no ready executor to ask."""
         ex = self.executors.get(self.slices[lease.slice_id].executor_id or "")
         if ex is None or ex.phase != "ready":
-            self._end_lease(lease, "idle")
-            return
+            return False
         lease.spill_deadline = now + self.spill_timeout
+        lease.spill_reason = reason
         path = private_dir(self.state_path / "spill") / lease.id
         self.pool.request(ex, "spill", {"path": str(path)})
+        return True
 
     def _finish_spill(self, ex: Executor, result: dict[str, Any] | None) -> None:
         lease = self.leases.get(ex.key_lease or "")
@@ -659,7 +664,16 @@ class Broker(LoggingConfigurable):
             return
         if result is not None and result.get("spilled"):
             self.store.set_spill(lease.id, str(self.state_path / "spill" / lease.id))
-        self._end_lease(lease, "idle")
+        self._end_spilled(lease, result)
+
+    def _end_spilled(self, lease: Lease, result: dict[str, Any] | None) -> None:
+        """End a lease whose spill finished (``result``) or never answered (None)."""
+        pending = self.pending_suspends.pop(lease.id, None)
+        self._end_lease(lease, lease.spill_reason)
+        if pending is not None:
+            route, reply_to, key = pending
+            spilled = result if result is not None else {"spilled": 0, "error": "spill timed out"}
+            self._reply(route, reply_to, key, {"released": lease.id, "spilled": spilled})
 
     def _lease_json(self, lease: Lease) -> dict[str, Any]:
         record = self.slices[lease.slice_id]
@@ -675,9 +689,19 @@ class Broker(LoggingConfigurable):
             "key": lease.key.hex(),
             "owner": lease.owner,
             "created": lease.created,
-            "idle_timeout": self.idle_timeout,
+            "idle_timeout": self._idle_limit(lease),
+            "tag": lease.request.tag,
+            "request": lease.request.to_json(),
             "heartbeat_interval": self.heartbeat_interval,
         }
+
+    def _idle_limit(self, lease: Lease) -> float:
+        """The lease's idle timeout: what it asked for, never longer than the broker's (an
+        operator's limit); 0 means never. A lease may ask for one where the broker has none."""
+        asked = lease.request.idle_timeout
+        if asked and (self.idle_timeout <= 0 or asked < self.idle_timeout):
+            return asked
+        return self.idle_timeout
 
     def _queued_json(self, ticket: Ticket) -> dict[str, Any]:
         return {
@@ -717,12 +741,36 @@ class Broker(LoggingConfigurable):
             raise E.NotPermitted(f"lease {lease_id} belongs to another user")
         return lease
 
-    def request_release(self, req: Incoming) -> dict[str, Any]:
+    def request_release(self, req: Incoming) -> dict[str, Any] | None:
+        """End a lease. With ``spill`` (the holder's own lease only) it is suspended rather than
+        dropped: its device data is spilled as on an idle reclaim, so an acquire with
+        ``restore`` brings it back; the reply waits for the spill."""
         lease = self._owned_lease(req, self._field(req.msg.body, "lease_id", str))
         assert req.client is not None
+        spill = self._field(req.msg.body, "spill", bool, False)
         reason = "released" if lease.owner == req.client.user else "admin"
+        if spill and reason == "released":
+            if lease.spill_deadline is not None:
+                raise E.BadRequest(f"lease {lease.id} is already being spilled")
+            if self._start_spill(lease, time.time(), "suspended"):
+                self.pending_suspends[lease.id] = (req.route, req.msg.id, req.client.key)
+                return DEFERRED
+            self._end_lease(lease, "suspended")
+            return {"released": lease.id, "spilled": {"spilled": 0, "error": "no ready executor"}}
         self._end_lease(lease, reason)
         return {"released": lease.id}
+
+    def request_leases(self, req: Incoming) -> dict[str, Any]:
+        """The caller's active leases, optionally only those with ``tag``."""
+        assert req.client is not None
+        tag = self._field(req.msg.body, "tag", str, None)
+        return {
+            "leases": [
+                self._lease_json(lease)
+                for lease in self.leases.values()
+                if lease.owner == req.client.user and (tag is None or lease.request.tag == tag)
+            ]
+        }
 
     def request_lease(self, req: Incoming) -> dict[str, Any]:
         lease = self._owned_lease(req, self._field(req.msg.body, "lease_id", str))
@@ -754,6 +802,11 @@ class Broker(LoggingConfigurable):
 
     def _end_lease(self, lease: Lease, reason: str) -> None:
         self.leases.pop(lease.id, None)
+        pending = self.pending_suspends.pop(lease.id, None)
+        if pending is not None:  # ended another way while suspending: its data is not spilled
+            route, reply_to, key = pending
+            spilled = {"spilled": 0, "error": f"the lease ended first ({reason})"}
+            self._reply(route, reply_to, key, {"released": lease.id, "spilled": spilled})
         self.store.end_lease(lease.id, reason)
         if reason == "released":
             self.metrics.released.inc()
@@ -818,13 +871,12 @@ class Broker(LoggingConfigurable):
                     entry["lease"] = {
                         "id": lease.id,
                         "created": lease.created,
-                        "idle_timeout": self.idle_timeout,
+                        "idle_timeout": (limit := self._idle_limit(lease)),
                         "expires_in": (
-                            max(0.0, self.idle_timeout - (now - lease.last_active))
-                            if self.idle_timeout > 0
-                            else None
+                            max(0.0, limit - (now - lease.last_active)) if limit > 0 else None
                         ),
                         "executor_pid": ex.pid if ex else None,
+                        "tag": lease.request.tag,
                     }
             slices.append(entry)
         queue = []
@@ -1073,10 +1125,17 @@ class Broker(LoggingConfigurable):
     def _check_leases(self, now: float) -> None:
         lost_after = self.heartbeat_interval * self.heartbeat_misses
         for lease in list(self.leases.values()):
-            if now - lease.last_heartbeat > lost_after:
+            if lease.spill_deadline is not None:
+                if now > lease.spill_deadline:
+                    self._end_spilled(lease, None)  # the spill never answered: data is lost
+            elif now - lease.last_heartbeat > lost_after:
                 self._end_lease(lease, "holder_lost")
-            elif self.idle_timeout > 0 and now - lease.last_active > self.idle_timeout:
-                self._spill_idle(lease, now)
+            elif (
+                (limit := self._idle_limit(lease)) > 0
+                and now - lease.last_active > limit
+                and not self._start_spill(lease, now, "idle")
+            ):
+                self._end_lease(lease, "idle")
 
     def _check_queue(self, now: float) -> None:
         dropped_after = self.queue_keepalive * self.queue_keepalive_misses

@@ -25,10 +25,14 @@ def new_id(prefix: str) -> str:
 
 @dataclass
 class Request:
-    """What a client asked for: a profile, or a minimum of memory, or anything."""
+    """What a client asked for: a profile, or a minimum of memory, or anything; and, for the
+    lease it gets, a shorter idle timeout and a tag (who in the user's processes holds it, for
+    example ``kernel:<kernel id>``, so a restarted kernel or its provisioner finds it again)."""
 
     profile: str | None = None
     memory: int | None = None
+    idle_timeout: float | None = None
+    tag: str | None = None
 
     def fits(self, info: SliceInfo) -> bool:
         if self.profile is not None and info.profile != self.profile:
@@ -36,7 +40,12 @@ class Request:
         return self.memory is None or info.memory_total >= self.memory
 
     def to_json(self) -> dict[str, Any]:
-        return {"profile": self.profile, "memory": self.memory}
+        return {
+            "profile": self.profile,
+            "memory": self.memory,
+            "idle_timeout": self.idle_timeout,
+            "tag": self.tag,
+        }
 
 
 @dataclass
@@ -61,7 +70,8 @@ class Lease:
     last_active: float
     generation: int = 0  # executors the lease has had (a replaced executor bumps it)
     request_ticket: str = ""  # the acquire ticket it answered: a re-sent acquire finds it
-    spill_deadline: float | None = None  # set while its executor spills it (idle reclaim)
+    spill_deadline: float | None = None  # set while its executor spills it (idle or suspend)
+    spill_reason: str = "idle"  # how the lease ends once the spill is done
 
 
 @dataclass

@@ -12,6 +12,7 @@ the socket thread too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import json
@@ -54,6 +55,7 @@ class Job:
     copy_start: Any = None  # CUDA event before the stage-in copies
     stage_wall: float = 0.0
     started: float = field(default_factory=time.time)
+    cancelled: bool = False  # the caller gave up on it before it ran
 
 
 class DataPlane:
@@ -72,6 +74,7 @@ class DataPlane:
         self.to_runner.bind(RUNNER)
         self.out = self._outbox()  # the socket thread's own sender, for staging errors
         self.running: tuple[str, bytes, float] | None = None  # (call id, route, deadline)
+        self.cancel_lock = threading.Lock()  # orders a cancel against the end of a call
         self.last_active = time.time()
         self.kernels: dict[tuple[str, str], Any] = {}
         self.functions: OrderedDict[bytes, Any] = OrderedDict()
@@ -157,6 +160,44 @@ class DataPlane:
             if obj is not None and self.runtime.is_device_array(obj):
                 self._release(int(obj.nbytes))
 
+    def reset(self) -> int:
+        """Free every handle: a new process of the holder (a restarted kernel) cannot refer to
+        the old one's, so they would only take memory."""
+        with self.lock:
+            ids = list(self.handles)
+        self.free(ids)
+        return len(ids)
+
+    def cancel(self, call_id: str) -> str:
+        """Give up on a call: a queued one is skipped; a running one gets KeyboardInterrupt in
+        the runner thread (raised at its next Python instruction: a blocking C call, such as a
+        long sleep or a synchronize, finishes first). Returns what happened."""
+        job = self.jobs.get(call_id)
+        if job is not None:
+            job.cancelled = True
+            return "queued"
+        with self.cancel_lock:
+            if self.running is not None and self.running[0] == call_id:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self.runner.ident or 0), ctypes.py_object(KeyboardInterrupt)
+                )
+                return "running"
+        return "unknown"
+
+    def _end_running(self) -> None:
+        """The call is over: no cancel may interrupt the runner from now on, and one that was
+        raised but not yet delivered is withdrawn."""
+        while True:
+            try:
+                with self.cancel_lock:
+                    self.running = None
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(self.runner.ident or 0), None
+                    )
+                return
+            except KeyboardInterrupt:  # delivered just before the lock: it is spent
+                continue
+
     # ---------------------------------------------------------------- socket thread
     def submit(self, job: Job) -> None:
         """Stage an invocation now and queue it for the runner; errors go to the caller."""
@@ -233,13 +274,20 @@ class DataPlane:
                 out.close()
                 return
             job = self.jobs.pop(call_id)
+            if job.cancelled:
+                self._release(job.input_bytes)
+                self._error(out, job, KeyboardInterrupt("cancelled by the caller before it ran"))
+                continue
             timeout = job.body.get("timeout")
             deadline = time.time() + float(timeout) if timeout else float("inf")
             self.running = (job.call_id, job.route, deadline)
             self.last_active = time.time()
             try:
                 started = time.perf_counter()
-                result = self._compute(job, out)
+                try:
+                    result = self._compute(job, out)
+                finally:
+                    self._end_running()
                 timings = {
                     "stage_in_ms": self.runtime.elapsed_ms(
                         job.copy_start, job.ready_event, job.stage_wall
@@ -254,7 +302,6 @@ class DataPlane:
                 self._error(out, job, self._explain_memory(exc))
             finally:
                 self._release(job.input_bytes)  # inputs die with the call unless returned
-                self.running = None
                 self.last_active = time.time()
 
     def _compute(self, job: Job, out: zmq.Socket) -> Any:

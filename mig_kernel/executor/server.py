@@ -17,7 +17,13 @@ from typing import Any
 import zmq
 
 from ..wire.connection import bind_private
-from ..wire.errors import AuthenticationError, BadRequest, MigKernelError, UnknownRequest
+from ..wire.errors import (
+    AuthenticationError,
+    BadRequest,
+    LeaseEnded,
+    MigKernelError,
+    UnknownRequest,
+)
 from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
 from ..wire.messages import Message, decode, encode, error_body, handler_name, refusal
 from ..wire.signing import ReplayGuard
@@ -42,6 +48,7 @@ class ExecutorServer:
         self.touched = False  # any tenant request at all: the executor is no longer pristine
         self.last_active = time.time()
         self.running = True
+        self.sealed = False  # spilled for a reclaim: tenant requests are refused
         self.outbox = context.socket(zmq.PULL)
         self.outbox.linger = 0
         self.outbox.bind(OUTBOX)  # bound before the data plane's threads connect to it
@@ -110,6 +117,12 @@ class ExecutorServer:
             if method is None:
                 raise UnknownRequest(f"unknown request type {msg.type!r}")
             if not control:
+                if self.sealed:
+                    raise LeaseEnded(
+                        "the slice was reclaimed (its device data was saved for a restore); "
+                        "lease again",
+                        reason="reclaimed",
+                    )
                 self.touched = True
                 self.served += 1
                 self.last_active = time.time()
@@ -167,6 +180,9 @@ class ExecutorServer:
         }
 
     def control_spill(self, msg: Message, route: bytes) -> dict[str, Any]:
+        # From now on the tenant's requests are refused: a call that ran after the spill
+        # would change data that is no longer the data the restore brings back.
+        self.sealed = True
         return self.dataplane.spill(Path(msg.body["path"]))
 
     def control_restore(self, msg: Message, route: bytes) -> dict[str, Any]:
@@ -218,6 +234,16 @@ class ExecutorServer:
         ):
             raise BadRequest("fetch needs items [[handle, segment, offset, nbytes], ...]")
         self.dataplane.fetch(self._job("fetch", msg, route, False))
+
+    def tenant_cancel(self, msg: Message, route: bytes) -> dict[str, Any]:
+        call_id = msg.body.get("target")
+        if not isinstance(call_id, str):
+            raise BadRequest("cancel needs target: the call id to cancel")
+        # No call id in the reply: nobody waits for it (the caller waits for the call itself).
+        return {"cancelled": self.dataplane.cancel(call_id)}
+
+    def tenant_reset(self, msg: Message, route: bytes) -> dict[str, Any]:
+        return {"call_id": msg.body.get("call_id"), "freed": self.dataplane.reset()}
 
     def tenant_free(self, msg: Message, route: bytes) -> dict[str, Any]:
         ids = msg.body.get("ids")

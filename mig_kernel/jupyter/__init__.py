@@ -1,0 +1,1 @@
+"""Notebook integration: kernel provisioner, kernelspecs, kernel, magics."""

@@ -1,0 +1,242 @@
+"""The IPython extension of mig-kernel kernels: ``%%gpufunc`` and ``%gpu``.
+
+``%%gpufunc`` runs a cell on the kernel's slice as a GPU function: the names it reads from the
+notebook are found by static analysis (cell.py) and shipped as arguments, the names it binds come
+back. The kernel itself never touches a GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import traceback
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from ..current import ProfileMismatch, SliceHolder, holder
+from ..wire.errors import MigKernelError
+from .cell import plan_cell, run_on_slice, select_inputs
+
+_cells = itertools.count(1)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+class _QueueDisplay:
+    """One output line that shows the queue position while a request waits."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.handle: Any = None
+        self.last: tuple[int, int] | None = None
+
+    def __call__(self, position: int, length: int) -> None:
+        if (position, length) == self.last:
+            return
+        self.last = (position, length)
+        text = f"mig-kernel: waiting for {self.what}: position {position} of {length} in the queue"
+        if self.handle is None:
+            self.handle = display({"text/plain": text}, raw=True, display_id=True)
+        else:
+            self.handle.update({"text/plain": text}, raw=True)
+
+
+def _attach_render(exc: BaseException, filename: str) -> None:
+    """Show a remote error as the notebook shows a local one: the traceback from the cell's
+    first frame on (the executor's own frames are noise to the user). IPython calls
+    ``_render_traceback_`` when an exception has one."""
+    remote = getattr(exc, "remote_traceback", "")
+    if not remote:
+        return
+    lines = remote.rstrip("\n").splitlines()
+    start = next((i for i, line in enumerate(lines) if filename in line), None)
+    if start is not None:
+        lines = ["Traceback on the slice (most recent call last):", *lines[start:]]
+    exc._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
+
+
+@magics_class
+class GpuMagics(Magics):
+    def __init__(self, shell: InteractiveShell, slice_holder: SliceHolder) -> None:
+        super().__init__(shell)
+        self.holder = slice_holder
+        self._profiles: set[str] | None = None
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _offered_profiles(self) -> set[str]:
+        from ..client import BrokerClient
+
+        if self._profiles is None:
+            with BrokerClient(self.holder.broker, timeout=5.0) as client:
+                self._profiles = {s["profile"] for s in client.status()["slices"]}
+        return self._profiles
+
+    def _check_profile(self, profile: str | None) -> None:
+        if profile is None:
+            return
+        try:
+            offered = self._offered_profiles()
+        except MigKernelError as exc:
+            raise UsageError(f"cannot reach the mig-kernel broker: {exc}") from None
+        if profile not in offered:
+            raise UsageError(
+                f"unknown profile {profile!r}: this node offers {', '.join(sorted(offered))}"
+            )
+
+    def _session(self, profile: str | None) -> Any:
+        want = profile or self.holder.profile
+        self.holder.on_queued = _QueueDisplay(f"a {want} slice" if want else "a GPU slice")
+        try:
+            return self.holder.session_for(profile)
+        except ProfileMismatch as exc:
+            raise UsageError(str(exc)) from None
+        finally:
+            self.holder.on_queued = None
+
+    # -- %%gpufunc ---------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("--profile", default=None, help="Slice profile to run on, e.g. 1g.10gb.")
+    @argument("--to-host", action="store_true", help="Return device arrays as numpy arrays.")
+    @argument("--timeout", type=float, default=None, help="Seconds the cell may run on the slice.")
+    @cell_magic
+    def gpufunc(self, line: str, cell: str) -> Any:
+        """Run the cell on this kernel's GPU slice. Notebook names it reads are its inputs;
+        names it assigns come back (device arrays as RemoteArray unless --to-host)."""
+        args = parse_argstring(self.gpufunc, line)
+        if args.timeout is not None and args.timeout <= 0:
+            raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+        source = self.shell.transform_cell(cell)
+        if "get_ipython()" in source:
+            raise UsageError(
+                "IPython magics and shell commands (%, !) cannot run on the slice; move them to "
+                "an ordinary cell"
+            )
+        filename = f"<gpufunc cell {next(_cells)}>"
+        try:
+            plan = plan_cell(source, filename)
+        except (SyntaxError, ValueError) as exc:  # shown as the error alone; nothing is sent
+            lines = traceback.format_exception_only(type(exc), exc)
+            exc._render_traceback_ = lambda: [line.rstrip("\n") for line in lines]  # type: ignore[attr-defined]
+            raise
+        self._check_profile(args.profile)
+        inputs = select_inputs(plan, self.shell.user_ns, self.shell.user_ns_hidden)
+        session = self._session(args.profile)
+        try:
+            bound, value, unbound = session.run(
+                run_on_slice,
+                plan.source,
+                filename,
+                inputs,
+                plan.outputs,
+                plan.last_expression,
+                plan.deleted,
+                to_host=args.to_host,
+                timeout=args.timeout,
+            )
+        except Exception as exc:
+            _attach_render(exc, filename)
+            raise
+        self.shell.user_ns.update(bound)
+        for name in unbound:
+            self.shell.user_ns.pop(name, None)
+        return value
+
+    # -- %gpu ----------------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("action", choices=["status", "acquire", "release", "monitor"])
+    @argument("--profile", default=None, help="acquire: the slice profile.")
+    @argument(
+        "--drop", action="store_true", help="release: drop the device data instead of keeping it."
+    )
+    @line_magic
+    def gpu(self, line: str) -> None:
+        """%gpu status | acquire [--profile P] | release [--drop] | monitor"""
+        args = parse_argstring(self.gpu, line)
+        getattr(self, f"_gpu_{args.action}")(args)
+
+    def _gpu_status(self, args: Any) -> None:
+        session = self.holder.current()
+        if session is None:
+            print("mig-kernel: this kernel holds no GPU slice (the next GPU cell leases one)")
+            return
+        if session.ended:
+            print(
+                f"mig-kernel: the slice was given back ({session.ended}); the next GPU cell "
+                f"leases one again and restores the device data (lease was {session.id})"
+            )
+            return
+        mine = next(
+            (s for s in self._node_status()["slices"] if s["id"] == session.slice["id"]), {}
+        )
+        idle = session.idle_seconds
+        if idle is None:
+            idle = mine.get("idle_seconds")
+        limit = session.idle_timeout
+        print(f"slice      {session.slice['id']}  ({session.slice.get('uuid', '')})")
+        print(f"profile    {session.profile}")
+        print(f"isolation  {session.isolation}")
+        used = mine.get("memory_used", 0)
+        print(f"memory     {_gib(used)} used of {_gib(session.memory_total)}")
+        idle_text = f"{idle:.0f} s" if idle is not None else "unknown"
+        limit_text = f"released after {limit:.0f} s idle" if limit else "never released when idle"
+        print(f"idle       {idle_text} ({limit_text})")
+        print(f"lease      {session.id}")
+
+    def _node_status(self) -> dict[str, Any]:
+        from ..client import BrokerClient
+
+        with BrokerClient(self.holder.broker, timeout=5.0) as client:
+            return client.status()
+
+    def _gpu_acquire(self, args: Any) -> None:
+        self._check_profile(args.profile)
+        started = time.perf_counter()
+        session = self._session(args.profile)
+        print(
+            f"mig-kernel: holding {session.profile} on {session.slice['id']} "
+            f"({session.isolation}), lease {session.id} ({time.perf_counter() - started:.2f} s)"
+        )
+
+    def _gpu_release(self, args: Any) -> None:
+        session = self.holder.current()
+        report = self.holder.release(keep_data=not args.drop)
+        if session is None or report is None:
+            print("mig-kernel: this kernel holds no GPU slice")
+            return
+        if args.drop:
+            print(f"mig-kernel: released {session.slice['id']}; device data dropped")
+            return
+        spilled = int(report.get("spilled", 0))
+        error = report.get("error")
+        kept = f"{spilled} device object{'s' if spilled != 1 else ''} kept on the host"
+        print(
+            f"mig-kernel: released {session.slice['id']}; {kept}"
+            + (f" ({error})" if error else "")
+            + "; the next GPU cell leases a slice again and restores them"
+        )
+
+    def _gpu_monitor(self, args: Any) -> None:
+        """The node's partitions as a table (the live widget replaces it with issue 5)."""
+        status = self._node_status()
+        print(f"node {status['node']} ({status['backend']})")
+        print(f"{'slice':10} {'profile':14} {'isolation':9} {'state':9} {'memory':>22}  holder")
+        for s in status["slices"]:
+            memory = f"{_gib(s['memory_used'])} / {_gib(s['memory_total'])}"
+            holder_text = (s["holder"] or "") + (" (this kernel's user)" if s.get("mine") else "")
+            print(
+                f"{s['id']:10} {s['profile']:14} {s['isolation']:9} {s['state']:9} "
+                f"{memory:>22}  {holder_text}"
+            )
+        if status["queue"]:
+            print(f"queue: {len(status['queue'])} waiting")
+
+
+def load_ipython_extension(ip: InteractiveShell) -> None:
+    ip.register_magics(GpuMagics(ip, holder()))

@@ -1,0 +1,318 @@
+"""``mig-kernel lab`` as a user runs it: a real broker, a real JupyterLab, a real SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+
+from mig_kernel.jupyter.lab import demos_root
+from mig_kernel.procs import pid_alive
+from mig_kernel.testing import all_free, executor_pids, run_cli
+
+LAYOUT = "H100-80GB:3g.40gb,1g.10gb"
+START_TIMEOUT = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+class Lab:
+    """One ``python -m mig_kernel lab`` process with its own Jupyter dirs under ``root``."""
+
+    def __init__(self, root: Path, state_dir: Path, args: list[str]) -> None:
+        self.root = root
+        self.state_dir = state_dir
+        self.token = secrets.token_hex(16)
+        self.port = free_port()
+        self.prefix = root / "prefix"
+        self.log_path = root / "lab.log"
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for key in ("MIG_KERNEL_BROKER", "MIG_KERNEL_STATE_DIR", "JUPYTER_PATH"):
+            env.pop(key, None)
+        home = self.root / "home"
+        home.mkdir(exist_ok=True)
+        env.update(
+            HOME=str(home),
+            JUPYTER_DATA_DIR=str(self.root / "jupyter-data"),
+            JUPYTER_CONFIG_DIR=str(self.root / "jupyter-config"),
+            JUPYTER_RUNTIME_DIR=str(self.root / "jupyter-runtime"),
+            JUPYTER_CONFIG_PATH="",
+        )
+        return env
+
+    def start(self) -> Lab:
+        cmd = [
+            sys.executable,
+            "-m",
+            "mig_kernel",
+            "lab",
+            "--state-dir",
+            str(self.state_dir),
+            "--no-browser",
+            "--port",
+            str(self.port),
+            "--kernelspec-prefix",
+            str(self.prefix),
+            *self.args,
+            "--",
+            f"--IdentityProvider.token={self.token}",
+            "--ServerApp.open_browser=False",
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.root
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str) -> Any:
+        return self.call("GET", path)
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"null")
+
+    def wait_ready(self) -> dict[str, Any]:
+        """Poll /api/status until JupyterLab answers; fails early if the lab process exits."""
+
+        def answer() -> dict[str, Any] | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lab exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                return self.get("/api/status")
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                return None
+
+        return wait_until(answer, START_TIMEOUT, f"JupyterLab answering:\n{self.log()}")
+
+    def jupyterlab_pid(self) -> int:
+        match = re.search(r"starting JupyterLab \(pid (\d+)\)", self.log())
+        assert match, self.log()
+        return int(match.group(1))
+
+    def terminate(self, timeout: float = 90.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """Teardown after a failure: SIGTERM (a clean stop), SIGKILL if that hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # its children get SIGTERM from the kernel (PR_SET_PDEATHSIG)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def make_lab(tmp_path: Path) -> Iterator[Callable[..., Lab]]:
+    labs: list[Lab] = []
+
+    def make(*args: str, state_dir: Path | None = None) -> Lab:
+        root = tmp_path / f"lab{len(labs)}"
+        root.mkdir()
+        lab = Lab(root, state_dir or root / "state", list(args))
+        labs.append(lab)
+        return lab.start()
+
+    yield make
+    for lab in labs:
+        lab.kill()
+
+
+def notebooks(tmp_path: Path) -> Path:
+    root = tmp_path / "notebooks"
+    root.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(), root / "quickstart.ipynb")
+    return root
+
+
+def free_status(connection_file: Path) -> dict[str, Any] | None:
+    """``mig-kernel status --json``, once every slice is free (the warm pool is up)."""
+    result = run_cli("status", "--json", env={"MIG_KERNEL_BROKER": str(connection_file)})
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    return status if all_free(status) else None
+
+
+@pytest.mark.slow
+def test_lab_runs_broker_and_jupyterlab_and_stops_both(make_lab, tmp_path: Path) -> None:
+    root = notebooks(tmp_path)
+    lab = make_lab("--backend", "sim", "--sim-layout", LAYOUT, "--root-dir", str(root))
+    assert "started" in lab.wait_ready()
+
+    specs = lab.get("/api/kernelspecs")["kernelspecs"]
+    ours = {name: entry["spec"] for name, entry in specs.items() if name.startswith("mig-")}
+    assert {name: spec["display_name"] for name, spec in ours.items()} == {
+        "mig-python3": "Python 3 (simulated GPU slice)",
+        "mig-python3-1g.10gb": "Python 3 (simulated 1g.10gb)",
+        "mig-python3-3g.40gb": "Python 3 (simulated 3g.40gb)",
+    }
+    provisioner = ours["mig-python3-3g.40gb"]["metadata"]["kernel_provisioner"]
+    assert provisioner == {
+        "provisioner_name": "mig-provisioner",
+        "config": {"profile": "3g.40gb", "acquire": "eager"},
+    }
+    assert [item["name"] for item in lab.get("/api/contents")["content"]] == ["quickstart.ipynb"]
+
+    connection_file = lab.state_dir / "broker.json"
+    status = wait_until(lambda: free_status(connection_file), 30, "every slice free")
+    assert sorted((s["profile"], s["isolation"]) for s in status["slices"]) == [
+        ("1g.10gb", "sim"),
+        ("3g.40gb", "sim"),
+    ]
+    executors = list(executor_pids(lab.state_dir).values())
+    assert len(executors) == 2 and all(pid_alive(pid) for pid in executors)
+    jupyterlab = lab.jupyterlab_pid()
+
+    assert lab.terminate() == 0, lab.log()
+
+    assert not connection_file.exists()
+    assert not pid_alive(jupyterlab)
+    wait_until(lambda: not any(pid_alive(pid) for pid in executors), 10, "executors gone")
+    log = lab.log()
+    steps = [
+        "mig-kernel lab: SIGTERM: stopping",
+        "mig-kernel lab: JupyterLab stopped",
+        "mig-kernel lab: stopping the broker",
+        "mig-kernel lab: the broker stopped (exit code 0)",
+    ]
+    positions = [log.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), log
+
+
+@pytest.mark.slow
+def test_lab_uses_a_running_broker_and_leaves_it_running(
+    make_broker, make_lab, tmp_path: Path
+) -> None:
+    broker = make_broker(layout="H100-80GB:2g.20gb,1g.10gb")
+    lab = make_lab("--root-dir", str(notebooks(tmp_path)), state_dir=broker.state_dir)
+    lab.wait_ready()
+    specs = lab.get("/api/kernelspecs")["kernelspecs"]
+    assert sorted(name for name in specs if name.startswith("mig-")) == [
+        "mig-python3",
+        "mig-python3-1g.10gb",
+        "mig-python3-2g.20gb",
+    ]
+    assert "using the broker already running" in lab.log()
+
+    assert lab.terminate() == 0, lab.log()
+
+    assert broker.proc is not None and broker.proc.poll() is None
+    assert broker.connection_file.exists()
+    assert all_free(broker.status())
+    assert "stopping the broker" not in lab.log()
+
+
+@pytest.mark.slow
+def test_stopping_lab_releases_kernel_slices_before_the_broker_stops(
+    make_lab, tmp_path: Path
+) -> None:
+    lab = make_lab(
+        "--backend", "sim", "--sim-layout", "H100-80GB:2x1g.10gb", "--root-dir", str(tmp_path)
+    )
+    lab.wait_ready()
+    kernel = lab.call("POST", "/api/kernels", {"name": "mig-python3-1g.10gb"}, timeout=60)
+    connection_file = lab.state_dir / "broker.json"
+
+    def leased() -> list[dict[str, Any]]:
+        result = run_cli("status", "--json", env={"MIG_KERNEL_BROKER": str(connection_file)})
+        return [s for s in json.loads(result.stdout)["slices"] if s["state"] == "leased"]
+
+    assert len(wait_until(leased, 30, f"kernel {kernel['id']} holding a slice")) == 1
+
+    assert lab.terminate() == 0, lab.log()
+
+    db = sqlite3.connect(str(lab.state_dir / "broker.sqlite"))
+    try:
+        ends = db.execute("SELECT end_reason FROM leases").fetchall()
+    finally:
+        db.close()
+    assert ends == [("released",)], lab.log()  # by the provisioner, not "broker_stopped"
+
+
+def test_lab_fails_with_the_brokers_reason(tmp_path: Path) -> None:
+    result = run_cli(
+        "lab",
+        "--backend",
+        "sim",
+        "--sim-layout",
+        "H100-80GB:3x3g.40gb",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--no-browser",
+        "--kernelspec-prefix",
+        str(tmp_path / "prefix"),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "the broker exited with exit code 2" in result.stderr
+    assert "3g.40gb" in result.stderr  # the broker's own reason, from its output
+    assert "starting JupyterLab" not in result.stderr
+    assert not (tmp_path / "prefix").exists()
+
+
+def test_demos_root_prefers_the_checkout(tmp_path: Path) -> None:
+    package = tmp_path / "checkout" / "mig_kernel"
+    (package / "demos").mkdir(parents=True)  # packaged copy: ignored in a checkout
+    (tmp_path / "checkout" / "demos").mkdir()
+    assert demos_root(package, tmp_path / "cwd") == tmp_path / "checkout" / "demos"
+
+
+def test_demos_root_copies_the_packaged_demos_once(tmp_path: Path) -> None:
+    package = tmp_path / "site-packages" / "mig_kernel"
+    (package / "demos").mkdir(parents=True)
+    (package / "demos" / "quickstart.ipynb").write_text("{}")
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    copy = demos_root(package, cwd)
+    assert copy == cwd / "mig-kernel-demos"
+    assert (copy / "quickstart.ipynb").read_text() == "{}"
+    (copy / "quickstart.ipynb").write_text("edited")
+    assert demos_root(package, cwd) == copy
+    assert (copy / "quickstart.ipynb").read_text() == "edited"  # the user's edits stay
+    assert demos_root(tmp_path / "bare" / "mig_kernel", cwd) is None

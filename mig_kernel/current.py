@@ -110,10 +110,14 @@ class SliceHolder:
             and (session.ended is None or session.ended in REACQUIRABLE)
         )
 
-    def current(self) -> Session | None:
-        """The held session, without acquiring."""
-        session = self.session
-        return session if session is not None and self._usable(session) else None
+    def current(self, *, attach: bool = False) -> Session | None:
+        """The held session, without acquiring. ``attach`` first takes over this process's
+        tagged lease if the background attach at kernel start has not done so yet."""
+        if attach:
+            self.attach_existing()
+        with self.lock:  # an attach in progress finishes first
+            session = self.session
+            return session if session is not None and self._usable(session) else None
 
     def session_for(self, profile: str | None = None) -> Session:
         """The process's session, acquiring (and waiting in the queue) if it has none."""

@@ -162,7 +162,7 @@ class GpuMagics(Magics):
         getattr(self, f"_gpu_{args.action}")(args)
 
     def _gpu_status(self, args: Any) -> None:
-        session = self.holder.current()
+        session = self.holder.current(attach=True)
         if session is None:
             print("mig-kernel: this kernel holds no GPU slice (the next GPU cell leases one)")
             return
@@ -205,7 +205,7 @@ class GpuMagics(Magics):
         )
 
     def _gpu_release(self, args: Any) -> None:
-        session = self.holder.current()
+        session = self.holder.current(attach=True)
         report = self.holder.release(keep_data=not args.drop)
         if session is None or report is None:
             print("mig-kernel: this kernel holds no GPU slice")

@@ -83,13 +83,14 @@ class BrokerApp(BaseApp):
             self.fail(str(exc))
             return
         broker = Broker(inventory, parent=self)
+        # Before start: a stop asked for while the warm pool comes up still shuts down cleanly.
+        signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+        signal.signal(signal.SIGINT, lambda *_: broker.stop())
         try:
             broker.start()
         except BrokerStartError as exc:
             self.fail(str(exc))
             return
-        signal.signal(signal.SIGTERM, lambda *_: broker.stop())
-        signal.signal(signal.SIGINT, lambda *_: broker.stop())
         print(
             f"mig-kernel broker ready: {len(broker.slices)} slice(s), state in {broker.state_path}",
             flush=True,

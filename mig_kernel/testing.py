@@ -96,6 +96,17 @@ class BrokerProcess:
             raise AssertionError("broker did not stop within 20 s of SIGTERM") from None
 
 
+def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` every 0.1 s until it returns something true; returns that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not reached within {timeout} s")
+
+
 def all_free(status: dict[str, Any]) -> bool:
     return bool(status["slices"]) and all(s["state"] == "free" for s in status["slices"])
 

@@ -11,7 +11,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ import pytest
 
 from mig_kernel.jupyter.lab import demos_root
 from mig_kernel.procs import pid_alive
-from mig_kernel.testing import all_free, executor_pids, run_cli
+from mig_kernel.testing import all_free, executor_pids, run_cli, wait_until
 
 LAYOUT = "H100-80GB:3g.40gb,1g.10gb"
 START_TIMEOUT = 90.0
@@ -33,16 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 class Lab:

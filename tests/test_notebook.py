@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mig_kernel.testing import BrokerProcess
+from mig_kernel.testing import BrokerProcess, wait_until
 from tests.support.kernels import Kernels
 
 LAYOUT = "H100-80GB:3g.40gb,2g.20gb,1g.10gb,1g.10gb"
@@ -40,16 +40,6 @@ def make_node(
 def tagged(broker: BrokerProcess, tag: str) -> list[dict[str, Any]]:
     with broker.client() as client:
         return client.leases(tag=tag)
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not reached within {timeout} s")
 
 
 def test_eager_kernel_holds_its_slice_and_no_gpu(make_node: Callable[..., Node]) -> None:

@@ -607,8 +607,8 @@ class Session:
             self._conn.close()
         self._arena.close()
         try:
-            if self.ended != "suspended":  # a suspended lease has ended already
-                self.broker.release(self.id)
+            # An idle or suspended lease has ended already: releasing it discards its spill.
+            self.broker.release(self.id)
         finally:
             if self._owns_broker:
                 self.broker.close()

@@ -83,7 +83,15 @@ def test_unknown_requests_and_wrong_types_get_named_errors(make_broker) -> None:
             c.request("acquire", wait="yes")
         with pytest.raises(E.BadRequest, match="'gpu' has the wrong type"):
             c.request("apply_layout", gpu="0", layout="7x1g.10gb")
-        assert count(c.status(), "free") == 1
+        with pytest.raises(E.BadRequest, match="idle_timeout must be positive seconds, got -1"):
+            c.acquire(wait=False, idle_timeout=-1)
+        with pytest.raises(E.BadRequest, match="tag is 201 characters long"):
+            c.acquire(wait=False, tag="x" * 201)
+        with pytest.raises(E.BadRequest, match="'tag' has the wrong type"):
+            c.request("leases", tag=7)
+        with pytest.raises(E.BadRequest, match="'spill' has the wrong type"):
+            c.request("release", lease_id=c.acquire(wait=False)["id"], spill="yes")
+        assert c.leases() and count(c.status(), "leased") == 1
 
 
 def test_oversized_message_does_not_hurt_the_broker(raw) -> None:

@@ -250,3 +250,15 @@ def test_interrupt_stops_a_running_cell(make_node: Callable[..., Node]) -> None:
     assert time.monotonic() - interrupted < 5.0  # not the 30 s the loop would take
     after = kernel.run("%%gpufunc\nprint('next cell runs')")
     assert after.stdout == "next cell runs\n"
+
+
+def test_shutdown_after_release_discards_the_kept_data(make_node: Callable[..., Node]) -> None:
+    broker, kernels = make_node()
+    kernel = kernels.start(kernels.spec("mig-1g", "1g.10gb"))
+    [lease] = tagged(broker, kernel.tag)
+    kernel.run("%%gpufunc\nkept = xp.ones(1000)")
+    assert "1 device object kept" in kernel.run("%gpu release").stdout
+    spill = broker.state_dir / "spill" / lease["id"]
+    assert (spill / "manifest.json").exists()
+    kernel.shutdown()
+    wait_until(lambda: not spill.exists(), timeout=10, what="spill directory removed")

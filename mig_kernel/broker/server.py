@@ -744,9 +744,16 @@ class Broker(LoggingConfigurable):
     def request_release(self, req: Incoming) -> dict[str, Any] | None:
         """End a lease. With ``spill`` (the holder's own lease only) it is suspended rather than
         dropped: its device data is spilled as on an idle reclaim, so an acquire with
-        ``restore`` brings it back; the reply waits for the spill."""
-        lease = self._owned_lease(req, self._field(req.msg.body, "lease_id", str))
+        ``restore`` brings it back; the reply waits for the spill. Releasing a lease that already
+        ended with spilled data (idle, suspended) discards that data: nobody will restore it."""
         assert req.client is not None
+        lease_id = self._field(req.msg.body, "lease_id", str)
+        if lease_id not in self.leases:
+            path = self.store.take_spill(lease_id, req.client.user)
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+                return {"released": lease_id, "discarded": True}
+        lease = self._owned_lease(req, lease_id)
         spill = self._field(req.msg.body, "spill", bool, False)
         reason = "released" if lease.owner == req.client.user else "admin"
         if spill and reason == "released":

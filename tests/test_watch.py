@@ -83,3 +83,28 @@ def test_forged_publication_is_skipped(
             assert watcher.seq == 5
     finally:
         forger.close(linger=0)
+
+
+def test_busy_share_and_memory_are_published(make_broker: Callable[..., BrokerProcess]) -> None:
+    import mig_kernel
+
+    broker = make_broker("--Broker.stats_interval=0.3", layout="H100-80GB:1g.10gb")
+    with Watcher(broker.connection_file) as watcher:
+        session = mig_kernel.connect(broker=broker.connection_file)
+        try:
+            kept = session.run(lambda: xp.ones(2**20))  # noqa: F821 (xp: the slice's module)
+
+            def busy_for(seconds: float) -> None:
+                import time
+
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    pass
+
+            for _ in range(3):
+                session.run(busy_for, 0.5)
+            state = next_state(watcher, lambda s: (s["slices"][0]["busy"] or 0) > 0.3)
+            assert state["slices"][0]["memory_used"] >= kept.nbytes
+            assert state["slices"][0]["mine"]
+        finally:
+            session.release()

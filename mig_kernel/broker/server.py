@@ -857,6 +857,7 @@ class Broker(LoggingConfigurable):
                 "isolation": info.isolation.value,
                 "memory_total": info.memory_total,
                 "memory_used": used,
+                "busy": round(ex.busy, 3) if ex is not None and ex.busy is not None else None,
                 "state": slice_state(record, ex),
                 "holder": None,
                 "mine": mine,
@@ -899,6 +900,7 @@ class Broker(LoggingConfigurable):
                     if full
                     else pseudonym(self.pseudonym_secret, ticket.user),
                     "mine": mine,
+                    "tag": ticket.request.tag if full else None,
                     "waiting_seconds": round(now - ticket.enqueued, 3),
                 }
             )
@@ -1087,12 +1089,26 @@ class Broker(LoggingConfigurable):
                 ex.deadline = time.time() + 3.0
             self.dirty = True
         elif kind == "stats":
+            before = (ex.memory_used, ex.busy)
             ex.memory_used = int(reply.body.get("memory_used") or 0)
+            self._note_busy(ex, reply.body)
+            if (ex.memory_used, ex.busy) != before:
+                self.dirty = True  # displays show memory and busy share: publish the change
             lease = self.leases.get(ex.key_lease or "")
             if lease is not None:
                 lease.last_active = max(
                     lease.last_active, float(reply.body.get("last_active") or 0)
                 )
+
+    @staticmethod
+    def _note_busy(ex: Executor, stats: dict[str, Any]) -> None:
+        """Busy share between two stats answers, from the executor's own clock and total."""
+        total, at = stats.get("busy_seconds"), stats.get("at")
+        if not isinstance(total, (int, float)) or not isinstance(at, (int, float)):
+            return
+        if ex.busy_seconds is not None and at > ex.stats_at:
+            ex.busy = min(1.0, max(0.0, (total - ex.busy_seconds) / (at - ex.stats_at)))
+        ex.busy_seconds, ex.stats_at = float(total), float(at)
 
     def _check_executors(self, now: float) -> None:
         for ex in list(self.executors.values()):

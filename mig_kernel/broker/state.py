@@ -95,6 +95,9 @@ class Executor:
     pending_key: bytes | None = None
     memory_used: int = 0
     adopted: bool = False
+    busy: float | None = None  # share of the last stats interval spent running calls
+    busy_seconds: float | None = None  # the executor's running total at its last stats answer
+    stats_at: float = 0.0  # the executor's monotonic clock at that answer
 
 
 @dataclass

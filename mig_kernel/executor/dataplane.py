@@ -76,6 +76,7 @@ class DataPlane:
         self.running: tuple[str, bytes, float] | None = None  # (call id, route, deadline)
         self.cancel_lock = threading.Lock()  # orders a cancel against the end of a call
         self.last_active = time.time()
+        self.busy_seconds = 0.0  # time the runner spent in calls, for the broker's busy share
         self.kernels: dict[tuple[str, str], Any] = {}
         self.functions: OrderedDict[bytes, Any] = OrderedDict()
         self.runner = threading.Thread(target=self._runner, name="runner", daemon=True)
@@ -282,6 +283,7 @@ class DataPlane:
             deadline = time.time() + float(timeout) if timeout else float("inf")
             self.running = (job.call_id, job.route, deadline)
             self.last_active = time.time()
+            began = time.monotonic()
             try:
                 started = time.perf_counter()
                 try:
@@ -303,6 +305,7 @@ class DataPlane:
             finally:
                 self._release(job.input_bytes)  # inputs die with the call unless returned
                 self.last_active = time.time()
+                self.busy_seconds += time.monotonic() - began
 
     def _compute(self, job: Job, out: zmq.Socket) -> Any:
         if job.kind == "call":

@@ -177,6 +177,8 @@ class ExecutorServer:
             else max(self.last_active, self.dataplane.last_active),
             "served": self.served,
             "memory_used": self.dataplane.memory_used(),
+            "busy_seconds": self.dataplane.busy_seconds,  # finished calls: a long call counts
+            "at": time.monotonic(),  # at its end; the share is smoothed over stats intervals
         }
 
     def control_spill(self, msg: Message, route: bytes) -> dict[str, Any]:

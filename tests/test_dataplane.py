@@ -120,30 +120,44 @@ def test_exceptions_keep_their_type_and_carry_the_remote_traceback(session) -> N
     assert session.run(lambda: 42) == 42  # the executor is fine afterwards
 
 
-def test_printed_output_streams_back_while_the_function_runs(session, capsys) -> None:
-    def chatty():
+def test_printed_output_streams_back_while_the_function_runs(session, capsys, tmp_path) -> None:
+    """The function prints its second line only after this side has seen the first one (a
+    file it waits for), so the test needs no timing assumptions."""
+    go_on = tmp_path / "seen-first-line"
+
+    def chatty(flag: str) -> int:
+        import os
         import sys
+        import time
 
         print("first line")
         print("to stderr", file=sys.stderr)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.01)
         print("second line")
         return 1
 
     seen: list[str] = []
 
     def watch() -> None:
-        time.sleep(0.35)
-        early = capsys.readouterr()
-        seen.extend([early.out, early.err])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            early = capsys.readouterr()
+            seen.extend([early.out, early.err])
+            if "first line" in "".join(seen):
+                break
+            time.sleep(0.01)
+        go_on.touch()
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    assert session.run(chatty) == 1
+    assert session.run(chatty, str(go_on)) == 1
     watcher.join()
     rest = capsys.readouterr()
-    assert "first line" in seen[0] and "second line" not in seen[0]  # live, not at the end
-    assert "second line" in rest.out and "to stderr" in rest.err + seen[1]
+    early_out = "".join(seen[0::2])
+    assert "first line" in early_out and "second line" not in early_out  # live, not at the end
+    assert "second line" in rest.out and "to stderr" in rest.err + "".join(seen[1::2])
 
 
 def test_submit_pipelines_and_results_come_back_in_order(session) -> None:

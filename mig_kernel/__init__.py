@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     from .remote import ExecutorLost, Invocation, RemoteArray, RemoteError, RemoteObject
 
 
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """jupyter_server finds the extension (``jpserver_extensions: {"mig_kernel": true}``)
+    here; it lives in ``mig_kernel.jupyter.server_extension``. Imports nothing."""
+    return [{"module": "mig_kernel.jupyter.server_extension"}]
+
+
 def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
     if module is None:

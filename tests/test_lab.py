@@ -3,16 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import secrets
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,122 +11,12 @@ from typing import Any
 import nbformat
 import pytest
 
-from mig_kernel.jupyter.lab import demos_root
+from mig_kernel.jupyter.lab import LabOptions, demos_root, jupyterlab_argv, labextension_path
 from mig_kernel.procs import pid_alive
 from mig_kernel.testing import all_free, executor_pids, run_cli, wait_until
+from tests.support.lab import Lab
 
 LAYOUT = "H100-80GB:3g.40gb,1g.10gb"
-START_TIMEOUT = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Lab:
-    """One ``python -m mig_kernel lab`` process with its own Jupyter dirs under ``root``."""
-
-    def __init__(self, root: Path, state_dir: Path, args: list[str]) -> None:
-        self.root = root
-        self.state_dir = state_dir
-        self.token = secrets.token_hex(16)
-        self.port = free_port()
-        self.prefix = root / "prefix"
-        self.log_path = root / "lab.log"
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        for key in ("MIG_KERNEL_BROKER", "MIG_KERNEL_STATE_DIR", "JUPYTER_PATH"):
-            env.pop(key, None)
-        home = self.root / "home"
-        home.mkdir(exist_ok=True)
-        env.update(
-            HOME=str(home),
-            JUPYTER_DATA_DIR=str(self.root / "jupyter-data"),
-            JUPYTER_CONFIG_DIR=str(self.root / "jupyter-config"),
-            JUPYTER_RUNTIME_DIR=str(self.root / "jupyter-runtime"),
-            JUPYTER_CONFIG_PATH="",
-        )
-        return env
-
-    def start(self) -> Lab:
-        cmd = [
-            sys.executable,
-            "-m",
-            "mig_kernel",
-            "lab",
-            "--state-dir",
-            str(self.state_dir),
-            "--no-browser",
-            "--port",
-            str(self.port),
-            "--kernelspec-prefix",
-            str(self.prefix),
-            *self.args,
-            "--",
-            f"--IdentityProvider.token={self.token}",
-            "--ServerApp.open_browser=False",
-        ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=self.root
-            )
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, path: str) -> Any:
-        return self.call("GET", path)
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"null")
-
-    def wait_ready(self) -> dict[str, Any]:
-        """Poll /api/status until JupyterLab answers; fails early if the lab process exits."""
-
-        def answer() -> dict[str, Any] | None:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"lab exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                return self.get("/api/status")
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                return None
-
-        return wait_until(answer, START_TIMEOUT, f"JupyterLab answering:\n{self.log()}")
-
-    def jupyterlab_pid(self) -> int:
-        match = re.search(r"starting JupyterLab \(pid (\d+)\)", self.log())
-        assert match, self.log()
-        return int(match.group(1))
-
-    def terminate(self, timeout: float = 90.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        """Teardown after a failure: SIGTERM (a clean stop), SIGKILL if that hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # its children get SIGTERM from the kernel (PR_SET_PDEATHSIG)
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -305,3 +186,31 @@ def test_demos_root_copies_the_packaged_demos_once(tmp_path: Path) -> None:
     assert demos_root(package, cwd) == copy
     assert (copy / "quickstart.ipynb").read_text() == "edited"  # the user's edits stay
     assert demos_root(tmp_path / "bare" / "mig_kernel", cwd) is None
+
+
+def test_labextension_path_links_the_checkouts_build(tmp_path: Path) -> None:
+    package = tmp_path / "checkout" / "mig_kernel"
+    (package / "labextension").mkdir(parents=True)
+    (package / "labextension" / "package.json").write_text('{"name": "@mig-kernel/labextension"}')
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "@mig-kernel").mkdir()
+    (links / "@mig-kernel" / "labextension").symlink_to(tmp_path / "gone")  # a stale link
+
+    assert labextension_path(package, links) == links
+    link = links / "@mig-kernel" / "labextension"
+    assert link.resolve() == (package / "labextension").resolve()
+    assert json.loads((link / "package.json").read_text())["name"] == "@mig-kernel/labextension"
+    argv = jupyterlab_argv(tmp_path, LabOptions(open_browser=False), links)
+    assert f"--LabApp.extra_labextensions_path={links}" in argv
+
+
+def test_labextension_path_is_none_without_a_build(tmp_path: Path) -> None:
+    package = tmp_path / "site-packages" / "mig_kernel"
+    package.mkdir(parents=True)  # an installed wheel: the build is in share/jupyter/labextensions
+    links = tmp_path / "links"
+    links.mkdir()
+    assert labextension_path(package, links) is None
+    assert list(links.iterdir()) == []
+    argv = jupyterlab_argv(tmp_path, LabOptions(open_browser=False))
+    assert not any("labextensions_path" in arg for arg in argv)

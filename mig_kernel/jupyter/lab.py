@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ STOP_TIMEOUT = 30.0  # seconds each child gets to stop after SIGTERM before SIGK
 START_TIMEOUT = 60.0  # seconds the broker gets to answer status
 DEMOS_COPY = "mig-kernel-demos"
 QUICKSTART = "quickstart.ipynb"
+LABEXTENSION = "@mig-kernel/labextension"  # the npm name of labextension/
+SERVER_EXTENSION = "mig_kernel"  # jpserver_extensions name (jupyter/server_extension.py)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -264,8 +267,38 @@ def demos_root(package_dir: Path, cwd: Path) -> Path | None:
     return copy
 
 
-def jupyterlab_argv(root: Path, options: LabOptions) -> list[str]:
+def labextension_path(package_dir: Path, links: Path) -> Path | None:
+    """A folder for JupyterLab's extension search path holding the checkout's own build of
+    the extension, or None when there is none (an installed wheel: JupyterLab finds the
+    extension in ``share/jupyter/labextensions`` of the environment).
+
+    In a checkout (editable install) the build sits in ``mig_kernel/labextension/``, but
+    JupyterLab looks for ``<folder>/@mig-kernel/labextension/package.json``: so ``links``
+    gets that symlink to the build. Put first on the path, this live build wins over the copy
+    an editable install also places in the environment (which a rebuild does not update).
+    """
+    built = package_dir / "labextension"
+    if not (built / "package.json").is_file():
+        return None
+    link = links / LABEXTENSION
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(built.resolve(), target_is_directory=True)
+    return links
+
+
+def jupyterlab_argv(
+    root: Path, options: LabOptions, labextensions: Path | None = None
+) -> list[str]:
     argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={root}"]
+    # The server extension (REST under /mig/api, which the JupyterLab extension reads) is
+    # enabled here too, not only by the config file an install puts in etc/jupyter: that
+    # file is missing where the package is only on the path (PYTHONPATH, a copied checkout).
+    # Servers merge config-file extensions into this value, so JupyterLab's own stay on.
+    argv.append(f"--ServerApp.jpserver_extensions={SERVER_EXTENSION}=True")
+    if labextensions is not None:
+        argv.append(f"--LabApp.extra_labextensions_path={labextensions}")
     if (root / QUICKSTART).is_file():
         argv.append(f"--LabApp.default_url=/lab/tree/{QUICKSTART}")
     if not options.open_browser:
@@ -299,6 +332,7 @@ def run_lab(options: LabOptions, package_dir: Path) -> int:
     broker: Broker | None = None
     lab: subprocess.Popen[bytes] | None = None
     code = 0
+    links = tempfile.TemporaryDirectory(prefix="mig-kernel-lab-")
 
     def keep(started: Broker) -> None:
         nonlocal broker
@@ -320,7 +354,10 @@ def run_lab(options: LabOptions, package_dir: Path) -> int:
             )
             root = Path(options.root_dir).expanduser() if options.root_dir else None
             root = root or demos_root(package_dir, Path.cwd()) or Path.cwd()
-            argv = jupyterlab_argv(root.absolute(), options)
+            extensions = labextension_path(package_dir, Path(links.name))
+            if extensions is not None:
+                say(f"JupyterLab extension: the checkout's build in {package_dir / 'labextension'}")
+            argv = jupyterlab_argv(root.absolute(), options, extensions)
             lab = spawn(argv, env=jupyterlab_env(connection_file, options.kernelspec_prefix))
             own = argv[1 : len(argv) - len(options.extra_args)]  # the extras may hold a token
             say(f"starting JupyterLab (pid {lab.pid}): {' '.join(own)}")
@@ -335,4 +372,5 @@ def run_lab(options: LabOptions, package_dir: Path) -> int:
             signals.stopping()
             if broker is not None and broker.process is not None:
                 stop_child(broker.process, "the broker")
+            links.cleanup()
     return exit_status(code)

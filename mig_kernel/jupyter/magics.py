@@ -68,6 +68,7 @@ class GpuMagics(Magics):
         super().__init__(shell)
         self.holder = slice_holder
         self._profiles: set[str] | None = None
+        self._monitor: Any = None  # the kernel's SliceMonitor, made by the first %gpu monitor
 
     # -- helpers ---------------------------------------------------------------------------
     def _offered_profiles(self) -> set[str]:
@@ -223,7 +224,23 @@ class GpuMagics(Magics):
         )
 
     def _gpu_monitor(self, args: Any) -> None:
-        """The node's partitions as a table (the live widget replaces it with issue 5)."""
+        """The node's partitions, live (``mig_kernel.widgets.SliceMonitor``); a table where
+        ipywidgets is missing. One monitor per kernel: showing it again adds a view of the same
+        widget (one thread and one socket however often the magic runs) until it is closed."""
+        try:
+            from ..widgets import SliceMonitor
+        except ImportError as exc:
+            print(f"mig-kernel: no live monitor ({exc}); install ipywidgets>=8.1 for one")
+            self._monitor_table()
+            return
+        if self._monitor is None or self._monitor.closed:
+            try:
+                self._monitor = SliceMonitor(self.holder.broker)
+            except MigKernelError as exc:
+                raise UsageError(f"cannot reach the mig-kernel broker: {exc}") from None
+        display(self._monitor)
+
+    def _monitor_table(self) -> None:
         status = self._node_status()
         print(f"node {status['node']} ({status['backend']})")
         print(f"{'slice':10} {'profile':14} {'isolation':9} {'state':9} {'memory':>22}  holder")

@@ -7,7 +7,7 @@ LABEXT := mig_kernel/labextension/package.json
 LABEXT_SOURCES := $(wildcard labextension/src/*.ts labextension/style/*.css labextension/style/*.js) \
 	labextension/package.json labextension/tsconfig.json
 
-.PHONY: run test lint venv labextension
+.PHONY: run test lint venv labextension bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,3 +34,8 @@ lint: $(VENV)/.installed
 
 test: lint $(LABEXT)
 	$(PY) -m pytest
+
+# The CPU half of the performance report (docs/performance.md): Ray, Dask and matplotlib too.
+bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) benchmarks/report.py --suite cpu $(ARGS)

@@ -72,28 +72,42 @@ def warm_first_call(broker: BrokerProcess) -> dict[str, float]:
     }
 
 
-def small_kernel_overhead(session: Any, reps: int) -> dict[str, float]:
+def native_small_kernel_times(reps: int, warmup: int = 50) -> list[float]:
+    """Seconds per in-process CuPy ``a * 2`` on 1,024 floats on a non-blocking stream,
+    synchronized: the floor a remoted call is compared with."""
     import cupy
 
     x = cupy.ones(1024, dtype=cupy.float32)
     stream = cupy.cuda.Stream(non_blocking=True)
     native = []
-    for i in range(reps + 50):
+    for i in range(reps + warmup):
         t = time.perf_counter()
         with stream:
             y = x * 2
         stream.synchronize()
-        if i >= 50:
+        if i >= warmup:
             native.append(time.perf_counter() - t)
     del y
+    return native
+
+
+def remoted_small_kernel_times(session: Any, reps: int, warmup: int = 50) -> list[float]:
+    """Client-observed seconds per ``session.run(lambda a: a * 2, x)`` on a device array of
+    1,024 floats (the result stays on the slice): the small-kernel call a tenant sees."""
     rx = session.put(np.ones(1024, dtype=np.float32))
     remote = []
-    for i in range(reps + 50):
+    for i in range(reps + warmup):
         t = time.perf_counter()
         r = session.run(lambda a: a * 2, rx)
-        if i >= 50:
+        if i >= warmup:
             remote.append(time.perf_counter() - t)
         del r
+    return remote
+
+
+def small_kernel_overhead(session: Any, reps: int) -> dict[str, float]:
+    native = native_small_kernel_times(reps)
+    remote = remoted_small_kernel_times(session, reps)
     n50, r50 = percentile(native, 50) * 1e6, percentile(remote, 50) * 1e6
     return {
         "native_p50_us": n50,
@@ -104,17 +118,19 @@ def small_kernel_overhead(session: Any, reps: int) -> dict[str, float]:
     }
 
 
-def h2d_bandwidth(session: Any, nbytes: int) -> dict[str, float]:
+def native_h2d_ms(host: np.ndarray, reps: int = 5) -> dict[str, list[float]]:
+    """CUDA-event milliseconds of copying ``host`` (uint8) to the device, from a pinned copy
+    and from ``host`` itself (pageable), interleaved, ``reps`` times each."""
     import cupy
     import cupyx
 
-    host = np.random.default_rng(0).integers(0, 255, size=nbytes, dtype=np.uint8)
+    nbytes = host.nbytes
     pinned = cupyx.empty_pinned(nbytes, dtype=np.uint8)
     pinned[:] = host
     device = cupy.empty(nbytes, dtype=np.uint8)
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     pinned_ms, pageable_ms = [], []
-    for _ in range(5):
+    for _ in range(reps):
         start.record()
         device.set(pinned)
         end.record()
@@ -126,11 +142,25 @@ def h2d_bandwidth(session: Any, nbytes: int) -> dict[str, float]:
         end.synchronize()
         pageable_ms.append(cupy.cuda.get_elapsed_time(start, end))
     del device
+    return {"pinned": pinned_ms, "pageable": pageable_ms}
+
+
+def arena_h2d_ms(session: Any, host: np.ndarray, reps: int = 5) -> list[float]:
+    """The executor's stage-in time (CUDA events on a GPU, wall time on sim) of ``host`` passed
+    as an invocation argument through the arena, ``reps`` times."""
     arena_ms = []
-    for _ in range(5):
+    for _ in range(reps):
         invocation = session.submit(lambda a: a.nbytes, host)
-        assert invocation.result() == nbytes
+        assert invocation.result() == host.nbytes
         arena_ms.append(invocation.timings["stage_in_ms"])
+    return arena_ms
+
+
+def h2d_bandwidth(session: Any, nbytes: int) -> dict[str, float]:
+    host = np.random.default_rng(0).integers(0, 255, size=nbytes, dtype=np.uint8)
+    native = native_h2d_ms(host)
+    pinned_ms, pageable_ms = native["pinned"], native["pageable"]
+    arena_ms = arena_h2d_ms(session, host)
     gbps = lambda ms: nbytes / (ms / 1e3) / 1e9  # noqa: E731
     best_pinned, best_arena = min(pinned_ms), min(arena_ms)
     return {

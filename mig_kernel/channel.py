@@ -22,6 +22,7 @@ from .wire.errors import (
     error_from_code,
 )
 from .wire.messages import Message, decode, encode, refusal_reason
+from .wire.transport import connect
 
 
 class Channel:
@@ -43,7 +44,7 @@ class Channel:
         self.lock = threading.RLock()
         self.socket = context.socket(zmq.DEALER)
         self.socket.linger = 0
-        self.socket.connect(endpoint)
+        connect(self.socket, endpoint)
         self.closed = False
 
     def close(self) -> None:

@@ -69,6 +69,7 @@ class BrokerApp(BaseApp):
         "state-dir": "Broker.state_dir",
         "idle-timeout": "Broker.idle_timeout",
         "per-user-limit": "Broker.per_user_limit",
+        "executor-transport": "Broker.executor_transport",
         "log-level": "Application.log_level",
     }
 

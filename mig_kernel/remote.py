@@ -1,7 +1,9 @@
 """The client side of the data plane: invocations, their futures, and handles to data that
 stays on the slice.
 
-One ``ExecutorConnection`` per Session: a DEALER to the lease's executor and the lease's arena.
+One ``ExecutorConnection`` per Session: a DEALER to the lease's executor, and the way array
+data travels to it (datapath.py: the lease's arena for an ipc executor, the messages themselves
+for a tcp one; the endpoint's scheme says which).
 There is no background thread: whoever waits for a result receives for everyone (under the
 connection's lock), resolving other calls' futures and printing streamed output as it arrives.
 While waiting it checks every quarter second that the executor process still exists, so a
@@ -24,15 +26,17 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .datapath import ArenaPath, DataPath, Outgoing, SocketPath
 from .procs import pid_alive
 from .wire import payload
-from .wire.arena import Arena, Region
+from .wire.arena import Arena
 from .wire.errors import (
     AuthenticationError,
     ExecutorUnavailable,
     error_from_code,
 )
-from .wire.messages import decode, encode, refusal_reason
+from .wire.messages import INLINE_BYTES, Message, decode, encode, refusal_reason
+from .wire.transport import TCP, connect, received, send_frames, transport_of
 
 POLL_SLICE = 0.25  # seconds between executor liveness checks while waiting
 CANCEL_GRACE = 3.0  # seconds an interrupted wait gives the executor to stop the call
@@ -137,6 +141,7 @@ class Route:
 
 
 _EPOCHS = itertools.count(1)
+_FUNCTIONS = payload.FunctionPickles()  # functions called again are not pickled again
 
 
 class Invocation:
@@ -147,28 +152,26 @@ class Invocation:
         conn: ExecutorConnection,
         call_id: str,
         to_host: bool,
-        regions: list[Region],
+        outgoing: Outgoing,
         timeout: float | None,
     ) -> None:
         self._conn = conn
         self.call_id = call_id
         self.to_host = to_host
-        self.regions = regions
+        self.outgoing = outgoing  # arena regions of the arguments, freed when the call ends
         self.timeout = timeout
-        self._done = threading.Event()
+        self._finished = False  # only a flag: whoever waits receives for everyone (no Event)
         self.timings: dict[str, float] = {}  # executor-side: stage_in_ms, compute_ms
         self._value: Any = None
         self._error: BaseException | None = None
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._finished
 
     def _resolve(self, value: Any = None, error: BaseException | None = None) -> None:
         self._value, self._error = value, error
-        for region in self.regions:
-            self._conn.arena.free(region)
-        self.regions = []
-        self._done.set()
+        self._conn.data.discard(self.outgoing)
+        self._finished = True
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the call; raises its exception (with the remote traceback attached)."""
@@ -208,14 +211,17 @@ class ExecutorConnection:
         self.epochs = frozenset({self.epoch}) | inherits  # whose handles this executor holds
         self.route = route if route is not None else Route()
         self.route.conn = self
-        self.arena = arena
+        self.transport = transport_of(endpoint)
+        self.data: DataPath = SocketPath() if self.transport == TCP else ArenaPath(arena)
         self.executor_gone = executor_gone  # why the executor is gone per the broker, or None
         self.lock = threading.RLock()
         self.socket = context.socket(zmq.DEALER)
         self.socket.linger = 0
-        self.socket.connect(endpoint)
+        connect(self.socket, endpoint)
+        self.poller = zmq.Poller()  # kept: Socket.poll builds a Poller on every call
+        self.poller.register(self.socket, zmq.POLLIN)
         self.pending: dict[str, Invocation] = {}
-        self.replies: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.replies: dict[str, tuple[str, dict[str, Any], list[Any]]] = {}
         self.to_free: list[int] = []
         self.abandoned: set[str] = set()  # interrupted calls whose late results are dropped
         self.lost: str | None = None
@@ -228,28 +234,25 @@ class ExecutorConnection:
                 self.socket.close(linger=0)
 
     # ---------------------------------------------------------------- sending
-    def _send(self, msg_type: str, body: dict[str, Any], *frames_out: bytes) -> None:
+    def _send(self, msg_type: str, body: dict[str, Any], *frames_out: Any) -> None:
         if self.lost:
             raise ExecutorLost(self.lost)
         frames = encode(msg_type, body, self.key, sender=self.lease_id, payload=frames_out)
-        self.socket.send_multipart(frames)
+        send_frames(self.socket, frames)  # copies: the caller may change its arrays now
 
     def _flush_frees(self) -> None:
         if self.to_free:
             ids, self.to_free = self.to_free, []
             self._send("free", {"call_id": f"free-{os.urandom(4).hex()}", "ids": ids})
 
-    def _pickle_hook(self, regions: list[Region]) -> Callable[[Any], tuple[Any, ...] | None]:
+    def _pickle_hook(self, out: Outgoing) -> Callable[[Any], tuple[Any, ...] | None]:
         written: dict[int, tuple[Any, ...]] = {}  # id -> pid: a fallback re-pickle reuses it
 
         def hook(obj: Any) -> tuple[Any, ...] | None:
-            if isinstance(obj, np.ndarray) and obj.dtype != object:
+            if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
                 pid = written.get(id(obj))
                 if pid is None:
-                    region = self.arena.write(obj)
-                    regions.append(region)
-                    pid = ("arr", region.segment, region.offset, region.nbytes, obj.dtype)
-                    pid += (obj.shape,)
+                    pid = self.data.put(obj, out)
                     written[id(obj)] = pid
                 return pid
             if isinstance(obj, (RemoteArray, RemoteObject)):
@@ -273,22 +276,29 @@ class ExecutorConnection:
         timeout: float | None,
     ) -> Invocation:
         """Send ``fn`` (None for call-level operations) and its arguments as one request."""
-        regions: list[Region] = []
+        out = Outgoing()
         call_id = os.urandom(8).hex()
         try:
-            fn_data = payload.dumps_function(fn) if fn is not None else b""
-            data = payload.dumps(args, self._pickle_hook(regions))
+            fn_data = _FUNCTIONS.dumps(fn) if fn is not None else b""
+            if msg_type == "invoke" and not args[0] and not args[1]:  # (args, kwargs)
+                data = payload.EMPTY_ARGS
+            else:
+                data = payload.dumps(args, self._pickle_hook(out))
         except BaseException:
-            for region in regions:
-                self.arena.free(region)
+            self.data.discard(out)
             raise
-        invocation = Invocation(self, call_id, to_host, regions, timeout)
+        invocation = Invocation(self, call_id, to_host, out, timeout)
         with self.lock:
             self._flush_frees()
             self.pending[call_id] = invocation
             try:
                 body = {"call_id": call_id, "timeout": timeout, **body}
-                self._send(msg_type, body, fn_data, data)
+                if len(fn_data) + len(data) <= INLINE_BYTES:  # in the header: two frames fewer
+                    body["fn"], body["args"] = fn_data, data
+                    self._send(msg_type, body, *out.buffers)
+                else:
+                    self._send(msg_type, body, fn_data, data, *out.buffers)
+                out.buffers = []  # copied into the message
             except BaseException:
                 self.pending.pop(call_id, None)
                 invocation._resolve(error=ExecutorLost(self.lost or "send failed"))
@@ -341,6 +351,12 @@ class ExecutorConnection:
 
     def _call(self, msg_type: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         """A plain request/reply on this connection (fetch, free)."""
+        return self._call_frames(msg_type, body, timeout)[0]
+
+    def _call_frames(
+        self, msg_type: str, body: dict[str, Any], timeout: float = 60.0
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """``_call``, also returning the reply's payload frames."""
         call_id = os.urandom(8).hex()
         deadline = time.monotonic() + timeout
         with self.lock:
@@ -349,21 +365,25 @@ class ExecutorConnection:
                 self._receive_some(POLL_SLICE)
                 if time.monotonic() > deadline:
                     raise ExecutorUnavailable(f"no answer to {msg_type} within {timeout:g} s")
-            kind, reply = self.replies.pop(call_id)
+            kind, reply, frames = self.replies.pop(call_id)
         if kind == "error":
             raise self._exception(reply, b"")
-        return reply
+        return reply, frames
 
     def _receive_some(self, wait: float) -> None:
-        if not self.socket.poll(int(wait * 1000)):
+        """One message (callers loop until what they wait for is done: a poll that finds the
+        next message at once costs less than asking the socket whether there is one)."""
+        if not self.poller.poll(int(wait * 1000)):
             self._check_alive()
             return
-        while True:
-            try:
+        try:
+            if self.transport == TCP:  # fetched arrays stay in their messages (no copy)
+                frames = received(self.socket.recv_multipart(zmq.NOBLOCK, copy=False), 2)
+            else:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._dispatch(frames)
+        except zmq.Again:
+            return
+        self._dispatch(frames)
 
     def _check_alive(self) -> None:
         why = None
@@ -398,17 +418,17 @@ class ExecutorConnection:
             self.abandoned.discard(call_id)
             if msg.type == "result":  # its handles are freed as soon as they are collected
                 with contextlib.suppress(Exception):
-                    payload.loads(msg.payload[0], lambda pid: self._handle_for(pid, {}))
+                    payload.loads(_result_data(msg), lambda pid: self._handle_for(pid, {}))
             return
         if invocation is None:
             if call_id:  # a reply to fetch, reset...: kept for its caller (``_call``)
-                self.replies[call_id] = (msg.type, body)
+                self.replies[call_id] = (msg.type, body, msg.payload)
             return
         if msg.type == "result":
             invocation.timings = body.get("timings") or {}
             try:
                 made: dict[int, Any] = {}
-                value = payload.loads(msg.payload[0], lambda pid: self._handle_for(pid, made))
+                value = payload.loads(_result_data(msg), lambda pid: self._handle_for(pid, made))
             except BaseException as exc:
                 invocation._resolve(error=exc)
                 return
@@ -465,24 +485,16 @@ class ExecutorConnection:
 
     # ---------------------------------------------------------------- host copies
     def fetch(self, arrays: list[RemoteArray]) -> list[np.ndarray]:
-        regions = []
-        items = []
         for array in arrays:
             if array._route is not self.route or array.epoch not in self.epochs:
                 raise ExecutorLost(f"{array!r} belongs to an executor that is gone")
-            region = self.arena.alloc(array.nbytes)
-            regions.append(region)
-            items.append([array.handle, region.segment, region.offset, array.nbytes])
+        out = Outgoing()
         try:
-            self._call("fetch", {"items": items})
-        except BaseException:
-            for region in regions:
-                self.arena.free(region)
-            raise
-        return [
-            self.arena.array_view(region, array.dtype, array.shape)
-            for region, array in zip(regions, arrays, strict=True)
-        ]
+            items = self.data.fetch_items([(a.handle, a.nbytes) for a in arrays], out)
+            _, frames = self._call_frames("fetch", {"items": items})
+            return self.data.fetched(out, [(a.dtype, a.shape) for a in arrays], frames)
+        finally:
+            self.data.discard(out)  # regions not handed over to result views
 
     def to_host(self, value: Any) -> Any:
         """Replace every RemoteArray in a result by a host copy (one fetch for all)."""
@@ -492,6 +504,16 @@ class ExecutorConnection:
             return value
         copies = dict(zip((id(a) for a in found), self.fetch(found), strict=True))
         return _replace(value, copies)
+
+
+def _result_data(msg: Message) -> Any:
+    """A result's pickle: in the body when small, else the first payload frame."""
+    data = msg.body.get("data")
+    if isinstance(data, bytes):
+        return data
+    if not msg.payload:
+        raise ValueError("a result without data")
+    return msg.payload[0]
 
 
 def _walk(value: Any, found: list[RemoteArray]) -> None:

@@ -21,7 +21,14 @@ from mig_kernel.wire.connection import (
     runtime_dir_for,
     write_connection_file,
 )
-from mig_kernel.wire.messages import decode, encode, handler_name, refusal, refusal_reason
+from mig_kernel.wire.messages import (
+    PROTOCOL_VERSION,
+    decode,
+    encode,
+    handler_name,
+    refusal,
+    refusal_reason,
+)
 from mig_kernel.wire.signing import ReplayGuard, new_key
 
 KEY = new_key()
@@ -67,7 +74,7 @@ def test_unsigned_and_malformed_messages_name_the_problem() -> None:
         decode([b"x" * 32, msgpack.packb({"v": 99})], lambda h: KEY, None)
     with pytest.raises(E.MalformedMessage, match="'id'"):
         decode(
-            [b"x" * 32, msgpack.packb({"v": 1, "type": "a", "ts": 1.0, "body": {}})],
+            [b"x" * 32, msgpack.packb({"v": PROTOCOL_VERSION, "type": "a", "ts": 1.0, "body": {}})],
             lambda h: KEY,
             None,
         )

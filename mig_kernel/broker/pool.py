@@ -25,6 +25,7 @@ from ..wire.errors import AuthenticationError, MigKernelError
 from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
 from ..wire.messages import Message, decode, encode, refusal_reason
 from ..wire.signing import new_key
+from ..wire.transport import IPC, TCP, reserve_tcp_port
 from .state import Executor, new_id
 
 log = logging.getLogger("mig_kernel.broker")
@@ -40,6 +41,7 @@ class ExecutorPool:
         python: str = sys.executable,
         start_timeout: float = 120.0,
         replay_window: float = 30.0,
+        transport: str = IPC,
     ) -> None:
         self.context = context
         self.runtime_dir = runtime_dir
@@ -47,13 +49,18 @@ class ExecutorPool:
         self.python = python
         self.start_timeout = start_timeout
         self.replay_window = replay_window
+        self.transport = transport  # of the executors started from now on (adopted keep theirs)
         self.by_socket: dict[zmq.Socket, Executor] = {}
         self.pending: dict[bytes, tuple[str, Executor]] = {}  # msg id -> (request type, executor)
 
     # -- starting ------------------------------------------------------------------------
     def spawn(self, info: SliceInfo, tenant_key: bytes, key_lease: str | None) -> Executor:
         executor_id = new_id("E")
-        endpoint = f"ipc://{self.runtime_dir / (executor_id + '.sock')}"
+        listener = None
+        if self.transport == TCP:
+            listener, endpoint = reserve_tcp_port()
+        else:
+            endpoint = f"ipc://{self.runtime_dir / (executor_id + '.sock')}"
         ex = Executor(
             id=executor_id,
             slice_id=info.id,
@@ -62,16 +69,26 @@ class ExecutorPool:
             tenant_key=tenant_key,
             key_lease=key_lease,
         )
+        try:
+            self._start_process(ex, info, listener.fileno() if listener else None)
+        finally:
+            if listener is not None:
+                listener.close()  # the executor holds the port now; ours would keep it open
+        self._connect(ex, self.start_timeout)
+        return ex
+
+    def _start_process(self, ex: Executor, info: SliceInfo, listen_fd: int | None) -> None:
         spec = ExecutorSpec(
-            executor_id=executor_id,
-            endpoint=endpoint,
+            executor_id=ex.id,
+            endpoint=ex.endpoint,
             control_key=ex.control_key.hex(),
-            tenant_key=tenant_key.hex(),
+            tenant_key=ex.tenant_key.hex(),
             slice=info.to_json(),
             runtime=info.runtime,
             memory_limit=info.memory_limit,
             replay_window=self.replay_window,
             issued_at=time.time(),
+            listen_fd=listen_fd,
         )
         env = dict(os.environ)
         env.update(info.env)
@@ -85,14 +102,13 @@ class ExecutorPool:
                 env=env,
                 start_new_session=True,  # a Ctrl-C at the broker's terminal is the broker's
                 close_fds=True,
+                pass_fds=(listen_fd,) if listen_fd is not None else (),
             )
         assert ex.popen.stdin is not None
         ex.popen.stdin.write(spec.to_json().encode())
         ex.popen.stdin.close()
         ex.pid = ex.popen.pid
         ex.start_ticks = proc_start_ticks(ex.pid)
-        self._connect(ex, self.start_timeout)
-        return ex
 
     def adopt(self, record: dict[str, Any], adopt_timeout: float = 10.0) -> Executor | None:
         """Reconnect to an executor a previous broker process started; None if it is gone."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 from prometheus_client import start_http_server
-from traitlets import Float, Int, Type, Unicode
+from traitlets import Enum, Float, Int, Type, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__
@@ -40,6 +40,7 @@ from ..wire.connection import (
 )
 from ..wire.messages import Message, decode, encode, error_body, handler_name, refusal
 from ..wire.signing import ReplayGuard, new_key
+from ..wire.transport import IPC, TRANSPORTS, transport_of
 from .identity import Identity, IdentityProvider, LocalUserIdentity, pseudonym
 from .metrics import BrokerMetrics
 from .pool import ExecutorPool
@@ -123,6 +124,14 @@ class Broker(LoggingConfigurable):
         help="Serve Prometheus metrics over HTTP on 127.0.0.1:PORT for scraping (0: off; the "
         "`metrics` request and `mig-kernel metrics` work either way).",
     ).tag(config=True)
+    executor_transport = Enum(
+        list(TRANSPORTS),
+        IPC,
+        help="How clients reach executors. ipc (default): a 0600 socket file in the broker's "
+        "private runtime dir, array data through the shared-memory arena. tcp: a port on "
+        "127.0.0.1, array data in the signed messages themselves (what network API remoting "
+        "costs; any local user can connect, every message is still signed and replay-guarded).",
+    ).tag(config=True)
     identity_provider_class = Type(
         LocalUserIdentity, klass=IdentityProvider, help="Who callers are (see identity.py)."
     ).tag(config=True)
@@ -177,6 +186,7 @@ class Broker(LoggingConfigurable):
             log_dir,
             start_timeout=self.executor_start_timeout,
             replay_window=self.replay_window,
+            transport=self.executor_transport,
         )
         self._restore()
         self.store.commit()
@@ -1072,7 +1082,7 @@ class Broker(LoggingConfigurable):
             record.failures = 0
             if ex.key_lease is not None and ex.key_lease not in self.leases:
                 self.pool.rekey(ex)  # its key belongs to a lease that ended meanwhile
-            elif record.drained and record.lease_id is None:
+            elif record.lease_id is None and self._unwanted(ex, record):
                 self.pool.stop(ex)
             self.dirty = True
             self._drain_queue()
@@ -1081,7 +1091,7 @@ class Broker(LoggingConfigurable):
                 ex.tenant_key, ex.key_lease, ex.pending_key = ex.pending_key, None, None
                 ex.phase = "ready"
                 self.store.save_executor(ex)
-                if record.drained:
+                if self._unwanted(ex, record):
                     self.pool.stop(ex)
                 self._drain_queue()
             else:
@@ -1099,6 +1109,12 @@ class Broker(LoggingConfigurable):
                 lease.last_active = max(
                     lease.last_active, float(reply.body.get("last_active") or 0)
                 )
+
+    def _unwanted(self, ex: Executor, record: SliceRecord) -> bool:
+        """Whether a free executor should stop: its slice is drained, or it speaks the other
+        transport (re-adopted by a broker restarted with another ``executor_transport``; the
+        fresh one that replaces it speaks the configured one)."""
+        return record.drained or transport_of(ex.endpoint) != self.executor_transport
 
     @staticmethod
     def _note_busy(ex: Executor, stats: dict[str, Any]) -> None:

@@ -1,25 +1,30 @@
-"""The executor's data plane: stage-in and stage-out on the socket thread, compute on the
-**runner** thread.
+"""The executor's data plane: staging, calls, results, handles, fetch, spill and restore.
 
-The socket thread (server.py) stages an invocation as it arrives (unpickles it, copying arena
--> device on the copy stream) and hands its id to the runner over an inproc socket; the runner
-calls the function on the compute stream and sends the result back through another inproc
-socket (a ZeroMQ socket belongs to one thread). So the stage-in of invocation n+1 overlaps the
-compute of n, and the fast path crosses threads only twice. Fetches (device -> arena) run on
-the socket thread too.
+Two threads share one ROUTER socket, never at the same time: whoever holds the server's socket
+lock serves it (server.py). The **main** thread serves requests and runs the calls; when a call
+has run for a couple of milliseconds the **watcher** thread takes the socket over until it
+ends, so a long call still has its stage-in of the next invocation overlapped, its output
+streamed, its cancel and timeout served. A short call crosses no thread at all: the thread that
+received the invocation runs it and sends its result.
+
+Array data comes either from the client's arena (``arr`` descriptors, ipc executors) or from
+extra frames of the invocation itself (``buf``, tcp executors); a fetch names arena regions to
+fill, or none, and then the arrays travel back as frames of the reply.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import io
 import json
+import pickle
+import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +35,16 @@ import zmq
 
 from ..wire import payload
 from ..wire.arena import ArenaMap
+from ..wire.messages import INLINE_BYTES
 from .runtime import Runtime
 
-OUTBOX = "inproc://executor-outbox"
-RUNNER = "inproc://executor-runner"
+STREAMS = "inproc://executor-streams"  # what a running call prints, to the socket's holder
+
+# (route, message type, body, payload frames): a reply to the lease holder, sent by the thread
+# that holds the socket
+Sender = Callable[[bytes, str, dict[str, Any], Sequence[Any]], None]
+Reply = tuple[str, dict[str, Any], tuple[Any, ...]]  # (message type, body, payload frames)
+_PLAIN = (type(None), bool, int, float, complex, str, bytes)  # results that hold no handle
 
 
 class UnknownHandle(KeyError):
@@ -48,6 +59,7 @@ class Job:
     body: dict[str, Any]
     data: bytes = b""  # pickled (args, kwargs), or the call's arguments
     fn_data: bytes = b""  # the pickled function (empty for call-level operations)
+    buffers: Sequence[Any] = ()  # array data carried by the message itself (tcp: "buf" ids)
     fn: Any = None
     staged: Any = None  # (args, kwargs) once staged
     ready_event: Any = None  # CUDA event: inputs are on the device
@@ -55,65 +67,71 @@ class Job:
     copy_start: Any = None  # CUDA event before the stage-in copies
     stage_wall: float = 0.0
     started: float = field(default_factory=time.time)
+    run_started: float = 0.0  # monotonic, once it runs (the watcher takes over after a while)
     cancelled: bool = False  # the caller gave up on it before it ran
 
 
 class DataPlane:
-    def __init__(self, runtime: Runtime, context: zmq.Context, memory_limit: int | None) -> None:
+    def __init__(
+        self, runtime: Runtime, context: zmq.Context, memory_limit: int | None, send: Sender
+    ) -> None:
         self.runtime = runtime
-        self.context = context
+        self.send = send  # only while holding the socket: staging errors, fetch replies
         self.memory_limit = memory_limit
         self.arena = ArenaMap(on_attach=runtime.pin)
         self.handles: dict[int, Any] = {}
         self.next_handle = 1
         self.lock = threading.Lock()  # guards handles and accounting between the two threads
         self.accounted = 0  # bytes of device arrays this executor holds (sim: its own cap)
-        self.jobs: dict[str, Job] = {}  # staged, waiting for or in the runner
-        self.to_runner = context.socket(zmq.PUSH)
-        self.to_runner.linger = 0
-        self.to_runner.bind(RUNNER)
-        self.out = self._outbox()  # the socket thread's own sender, for staging errors
+        self.jobs: dict[str, Job] = {}  # staged, not yet running (a cancel finds them here)
+        self.ready: deque[Job] = deque()  # the same, in order
+        self.streams = context.socket(zmq.PUSH)  # bound by the server before we connect
+        self.streams.linger = 0
+        self.streams.connect(STREAMS)
+        self.stream_lock = threading.Lock()  # a call's own threads may print too
+        self.stdout = _Stream(self, "stdout", sys.stdout)
+        self.stderr = _Stream(self, "stderr", sys.stderr)
+        self.current: Job | None = None  # the call running now
         self.running: tuple[str, bytes, float] | None = None  # (call id, route, deadline)
+        self.runner_ident = threading.get_ident()  # the thread that runs calls (cancel)
+        self.call_started: Callable[[], None] = lambda: None  # the server wakes its watcher
         self.cancel_lock = threading.Lock()  # orders a cancel against the end of a call
+        self.interrupting = False  # a cancel raised KeyboardInterrupt in the running call
+        self.streamed = 0  # stream messages queued so far (the result waits for them)
         self.last_active = time.time()
-        self.busy_seconds = 0.0  # time the runner spent in calls, for the broker's busy share
+        self.busy_seconds = 0.0  # time spent in calls, for the broker's busy share
         self.kernels: dict[tuple[str, str], Any] = {}
         self.functions: OrderedDict[bytes, Any] = OrderedDict()
-        self.runner = threading.Thread(target=self._runner, name="runner", daemon=True)
-        self.runner.start()
+
+    def close(self) -> None:
+        self.streams.close(linger=0)
 
     # ---------------------------------------------------------------- shared helpers
-    def _outbox(self) -> zmq.Socket:
-        sock = self.context.socket(zmq.PUSH)
-        sock.linger = 1000
-        sock.connect(OUTBOX)
-        return sock
-
-    def _reply(
-        self, out: zmq.Socket, job: Job, kind: str, body: dict[str, Any], data: bytes = b""
-    ) -> None:
-        body = {"call_id": job.call_id, **body}
-        out.send_pyobj((job.route, kind, body, data))
-
-    def _error(self, out: zmq.Socket, job: Job, exc: BaseException) -> None:
+    def _error_reply(self, job: Job, exc: BaseException) -> Reply:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
             pickled = cloudpickle.dumps(exc)
             cloudpickle.loads(pickled)  # rebuildable on this side at least
         except Exception:
             pickled = b""
-        self._reply(
-            out,
-            job,
-            "error",
-            {
-                "type": type(exc).__name__,
-                "module": type(exc).__module__,
-                "message": str(exc),
-                "traceback": tb,
-            },
-            pickled,
-        )
+        body = {
+            "call_id": job.call_id,
+            "type": type(exc).__name__,
+            "module": type(exc).__module__,
+            "message": str(exc),
+            "traceback": tb,
+        }
+        return "error", body, (pickled,) if pickled else ()
+
+    def _send_error(self, job: Job, exc: BaseException) -> None:
+        self.send(job.route, *self._error_reply(job, exc))
+
+    def stream(self, job: Job, name: str, text: str) -> None:
+        """Output of a running call, queued for whichever thread holds the socket."""
+        body = {"call_id": job.call_id, "name": name, "text": text}
+        with self.stream_lock:
+            self.streams.send_pyobj((job.route, body))
+            self.streamed += 1
 
     def memory_used(self) -> int:
         if self.runtime.name == "cupy":
@@ -171,8 +189,8 @@ class DataPlane:
 
     def cancel(self, call_id: str) -> str:
         """Give up on a call: a queued one is skipped; a running one gets KeyboardInterrupt in
-        the runner thread (raised at its next Python instruction: a blocking C call, such as a
-        long sleep or a synchronize, finishes first). Returns what happened."""
+        the thread running it (raised at its next Python instruction: a blocking C call, such
+        as a long sleep or a synchronize, finishes first). Returns what happened."""
         job = self.jobs.get(call_id)
         if job is not None:
             job.cancelled = True
@@ -180,8 +198,9 @@ class DataPlane:
         with self.cancel_lock:
             if self.running is not None and self.running[0] == call_id:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(self.runner.ident or 0), ctypes.py_object(KeyboardInterrupt)
+                    ctypes.c_ulong(self.runner_ident), ctypes.py_object(KeyboardInterrupt)
                 )
+                self.interrupting = True
                 return "running"
         return "unknown"
 
@@ -192,16 +211,19 @@ class DataPlane:
             try:
                 with self.cancel_lock:
                     self.running = None
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                        ctypes.c_ulong(self.runner.ident or 0), None
-                    )
+                    self.current = None
+                    if self.interrupting:
+                        self.interrupting = False
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                            ctypes.c_ulong(self.runner_ident), None
+                        )
                 return
             except KeyboardInterrupt:  # delivered just before the lock: it is spent
                 continue
 
-    # ---------------------------------------------------------------- socket thread
+    # ---------------------------------------------------------------- staging
     def submit(self, job: Job) -> None:
-        """Stage an invocation now and queue it for the runner; errors go to the caller."""
+        """Stage an invocation now and queue it to run; errors go to the caller."""
         try:
             if job.fn_data:
                 job.fn = self._function(job.fn_data)
@@ -212,10 +234,18 @@ class DataPlane:
             job.stage_wall = time.perf_counter() - job.stage_wall
         except BaseException as exc:
             self._release(job.input_bytes)
-            self._error(self.out, job, exc)
+            self._send_error(job, exc)
             return
         self.jobs[job.call_id] = job
-        self.to_runner.send_string(job.call_id)
+        self.ready.append(job)
+
+    def next_ready(self) -> Job | None:
+        """The oldest staged invocation, taken off the queue (None if there is none)."""
+        if not self.ready:
+            return None
+        job = self.ready.popleft()
+        self.jobs.pop(job.call_id, None)
+        return job
 
     def _function(self, data: bytes) -> Any:
         """Unpickle a function, or take it from the cache: the same bytes are the same function
@@ -235,79 +265,99 @@ class DataPlane:
 
     def fetch(self, job: Job) -> None:
         try:
-            self._fetch(job)
+            frames = self._fetch(job)
         except BaseException as exc:
-            self._error(self.out, job, exc)
+            self._send_error(job, exc)
             return
-        self._reply(self.out, job, "reply", {})
+        self.send(job.route, "reply", {"call_id": job.call_id}, frames)
 
     def _stage_in(self, job: Job, pid: tuple[Any, ...]) -> Any:
         kind = pid[0]
         if kind == "arr":
             _, segment, offset, nbytes, dtype, shape = pid
-            self._account(nbytes)
-            job.input_bytes += nbytes
-            host = np.frombuffer(self.arena.view(segment, offset, nbytes), dtype=dtype)
-            return self.runtime.to_device(host.reshape(shape))
+            return self._to_device(job, self.arena.view(segment, offset, nbytes), dtype, shape)
+        if kind == "buf":
+            _, index, dtype, shape = pid
+            if not isinstance(index, int) or not 0 <= index < len(job.buffers):
+                raise ValueError(f"array buffer {index!r} is not in the message")
+            return self._to_device(job, job.buffers[index], dtype, shape)
         if kind in ("h", "obj"):
             return self.lookup(int(pid[1]))
         raise ValueError(f"unknown persistent id {kind!r}")
 
-    def _fetch(self, job: Job) -> None:
-        for handle, segment, offset, nbytes in job.body["items"]:
+    def _to_device(self, job: Job, data: Any, dtype: Any, shape: Any) -> Any:
+        """An argument's bytes (arena region or message frame) as a device array."""
+        dtype, shape = np.dtype(dtype), tuple(shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if len(data) != nbytes:
+            raise ValueError(f"array of {shape} {dtype} needs {nbytes} bytes, got {len(data)}")
+        self._account(nbytes)
+        job.input_bytes += nbytes
+        return self.runtime.to_device(np.frombuffer(data, dtype=dtype).reshape(shape))
+
+    def _fetch(self, job: Job) -> list[memoryview]:
+        """Copy device arrays to the host: into the arena regions the items name (ipc), or into
+        fresh host arrays returned as reply frames (items of [handle, nbytes]: tcp)."""
+        frames = []
+        for item in job.body["items"]:
+            handle, nbytes = item[0], item[-1]
             obj = self.lookup(int(handle))
             if not self.runtime.is_device_array(obj) or int(obj.nbytes) != nbytes:
                 raise ValueError(f"handle {handle} is not a device array of {nbytes} bytes")
-            if nbytes:
+            if len(item) == 2:
+                host = np.empty(obj.shape, dtype=obj.dtype)
+                self.runtime.to_host(obj, host)
+                frames.append(memoryview(host.reshape(-1).view(np.uint8)))
+            elif nbytes:
+                _, segment, offset, _ = item
                 target = np.frombuffer(self.arena.view(segment, offset, nbytes), dtype=obj.dtype)
                 self.runtime.to_host(obj, target.reshape(obj.shape))
+        return frames
 
-    # ---------------------------------------------------------------- runner thread
-    def _runner(self) -> None:
-        out = self._outbox()
-        inbox = self.context.socket(zmq.PULL)
-        inbox.linger = 0
-        inbox.connect(RUNNER)
-        while True:
-            call_id = inbox.recv_string()
-            if call_id == "":
-                inbox.close()
-                out.close()
-                return
-            job = self.jobs.pop(call_id)
-            if job.cancelled:
-                self._release(job.input_bytes)
-                self._error(out, job, KeyboardInterrupt("cancelled by the caller before it ran"))
-                continue
-            timeout = job.body.get("timeout")
-            deadline = time.time() + float(timeout) if timeout else float("inf")
-            self.running = (job.call_id, job.route, deadline)
-            self.last_active = time.time()
-            began = time.monotonic()
+    # ---------------------------------------------------------------- running a call
+    def run(self, job: Job) -> Reply:
+        """Run a staged invocation on this thread; returns its result or error message (the
+        caller sends it once it holds the socket)."""
+        if job.cancelled:
+            self._release(job.input_bytes)
+            return self._error_reply(
+                job, KeyboardInterrupt("cancelled by the caller before it ran")
+            )
+        timeout = job.body.get("timeout")
+        deadline = time.time() + float(timeout) if timeout else float("inf")
+        job.run_started = began = time.monotonic()
+        self.running = (job.call_id, job.route, deadline)
+        self.current = job
+        self.call_started()
+        self.last_active = time.time()
+        try:
+            started = time.perf_counter()
             try:
-                started = time.perf_counter()
-                try:
-                    result = self._compute(job, out)
-                finally:
-                    self._end_running()
-                timings = {
-                    "stage_in_ms": self.runtime.elapsed_ms(
-                        job.copy_start, job.ready_event, job.stage_wall
-                    ),
-                    "compute_ms": (time.perf_counter() - started) * 1e3,
-                    "input_bytes": job.input_bytes,
-                }
-                job.staged = None  # inputs may die now (and go back to the pool)
-                data = self._pickle_result(result)
-                self._reply(out, job, "result", {"timings": timings}, data)
-            except BaseException as exc:
-                self._error(out, job, self._explain_memory(exc))
+                result = self._compute(job)
             finally:
-                self._release(job.input_bytes)  # inputs die with the call unless returned
-                self.last_active = time.time()
-                self.busy_seconds += time.monotonic() - began
+                self._end_running()
+            timings = {
+                "stage_in_ms": self.runtime.elapsed_ms(
+                    job.copy_start, job.ready_event, job.stage_wall
+                ),
+                "compute_ms": (time.perf_counter() - started) * 1e3,
+                "input_bytes": job.input_bytes,
+            }
+            job.staged = None  # inputs may die now (and go back to the pool)
+            data = self._pickle_result(result)
+            body = {"call_id": job.call_id, "timings": timings}
+            if len(data) <= INLINE_BYTES:  # in the header: one frame fewer
+                body["data"] = data
+                return "result", body, ()
+            return "result", body, (data,)
+        except BaseException as exc:
+            return self._error_reply(job, self._explain_memory(exc))
+        finally:
+            self._release(job.input_bytes)  # inputs die with the call unless returned
+            self.last_active = time.time()
+            self.busy_seconds += time.monotonic() - began
 
-    def _compute(self, job: Job, out: zmq.Socket) -> Any:
+    def _compute(self, job: Job) -> Any:
         if job.kind == "call":
             return self._remote_call(job)
         fn = job.fn
@@ -315,15 +365,19 @@ class DataPlane:
         globals_ = getattr(fn, "__globals__", None)
         if isinstance(globals_, dict) and "xp" not in globals_:
             globals_["xp"] = self.runtime.xp
-        stdout = _Stream(out, job, "stdout")
-        stderr = _Stream(out, job, "stderr")
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                with self.runtime.compute(job.ready_event):
-                    return fn(*args, **kwargs)
-            finally:
-                stdout.flush()
-                stderr.flush()
+        # The streams stay installed between calls (they pass output through to the log then)
+        # and take the call's output while it runs: cheaper than redirecting for every call.
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.stdout.attach(job)
+        self.stderr.attach(job)
+        try:
+            if self.runtime.name == "numpy":
+                return fn(*args, **kwargs)
+            with self.runtime.compute(job.ready_event):
+                return fn(*args, **kwargs)
+        finally:
+            self.stdout.detach()
+            self.stderr.detach()
 
     def _explain_memory(self, exc: BaseException) -> BaseException:
         """CuPy's out-of-memory error, restated with the slice's cap and current use."""
@@ -338,6 +392,8 @@ class DataPlane:
     def _pickle_result(self, result: Any) -> bytes:
         """Pickle a result; if that fails (an object that cannot leave this process), the whole
         result stays here as one opaque handle. Handles made by a failed attempt are dropped."""
+        if type(result) in _PLAIN:  # no handle can be in it: the plain pickler says it all
+            return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
         made: dict[int, tuple[Any, ...]] = {}  # id(obj) -> pid: the fallback pickler reuses it
 
         def keep(obj: Any) -> tuple[Any, ...] | None:
@@ -446,9 +502,6 @@ class DataPlane:
             self.next_handle = max(self.next_handle, int(manifest["next_handle"]))
         return {"restored": restored}
 
-    def stop(self) -> None:
-        self.to_runner.send_string("")
-
 
 @dataclass
 class _Opaque:
@@ -460,34 +513,43 @@ class _Opaque:
 
 
 class _Stream(io.TextIOBase):
-    """sys.stdout/stderr of a running function: lines go to the caller while it runs."""
+    """sys.stdout/stderr of the executor. While a call runs, what it prints goes to the caller
+    as it runs (a line at a time, or every 0.1 s); between calls, to the executor's own stream
+    (its log), as before any call."""
 
-    def __init__(self, out: zmq.Socket, job: Job, name: str) -> None:
-        self.out, self.job, self.name = out, job, name
+    def __init__(self, plane: DataPlane, name: str, fallback: Any) -> None:
+        self.plane, self.name, self.fallback = plane, name, fallback
+        self.job: Job | None = None
         self.buffer_: list[str] = []
-        self.last = time.monotonic()
+        self.last = 0.0
 
     def writable(self) -> bool:
         return True
 
+    def attach(self, job: Job) -> None:
+        self.job, self.buffer_, self.last = job, [], time.monotonic()
+
+    def detach(self) -> None:
+        self.flush()
+        self.job = None
+
     def write(self, text: str) -> int:
+        if self.job is None:
+            return self.fallback.write(text)
         self.buffer_.append(text)
         if "\n" in text or time.monotonic() - self.last > 0.1:
             self.flush()
         return len(text)
 
     def flush(self) -> None:
+        job = self.job
+        if job is None:
+            self.fallback.flush()
+            return
         if self.buffer_:
             text, self.buffer_ = "".join(self.buffer_), []
-            self.out.send_pyobj(
-                (
-                    self.job.route,
-                    "stream",
-                    {"call_id": self.job.call_id, "name": self.name, "text": text},
-                    b"",
-                )
-            )
+            self.plane.stream(job, self.name, text)
         self.last = time.monotonic()
 
 
-__all__ = ["OUTBOX", "DataPlane", "Job", "UnknownHandle"]
+__all__ = ["STREAMS", "DataPlane", "Job", "UnknownHandle"]

@@ -3,13 +3,23 @@
 Dispatch is table-driven (``control_<type>`` for the broker, ``tenant_<type>`` for the lease
 holder). Any request that fails gets an error reply naming the problem; the loop never dies of a
 bad message.
+
+The main thread serves the socket and runs the calls itself, so a short call's result leaves
+from the thread that received the invocation, with no hand-off between threads. A ZeroMQ socket
+must not be used by two threads at once: whoever holds ``sock_lock`` owns it. While a call runs
+the main thread does not hold it, and once the call has run for ``TAKEOVER`` seconds the
+watcher thread takes the socket and serves everything else (stage-in of the next invocation,
+output, cancel, the deadline, the broker's requests) until the call ends and the main thread
+asks for the socket back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,16 +31,38 @@ from ..wire.errors import (
     AuthenticationError,
     BadRequest,
     LeaseEnded,
+    MalformedMessage,
     MigKernelError,
+    ReplayedMessage,
     UnknownRequest,
 )
 from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
-from ..wire.messages import Message, decode, encode, error_body, handler_name, refusal
+from ..wire.messages import (
+    Message,
+    decode,
+    encode,
+    error_body,
+    handler_name,
+    peek_header,
+    refusal,
+)
 from ..wire.signing import ReplayGuard
-from .dataplane import OUTBOX, DataPlane, Job
+from ..wire.transport import (
+    BULK_BYTES,
+    TCP,
+    bind_reserved,
+    received,
+    send_frames,
+    transport_of,
+)
+from .dataplane import STREAMS, DataPlane, Job
 from .runtime import Runtime, warm_start
 
 log = logging.getLogger("mig_kernel.executor")
+
+TAKEOVER = 0.002  # seconds a call runs before the watcher serves the socket in its place
+WATCH_IDLE = 1.0  # seconds without calls after which the watcher sleeps until the next one
+WAKE = "inproc://executor-wake"  # the main thread asks the watcher for the socket back
 
 
 class ExecutorServer:
@@ -43,43 +75,174 @@ class ExecutorServer:
         self.guard = ReplayGuard(spec.replay_window, not_before=spec.issued_at or None)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.linger = 1000
-        bind_private(self.socket, spec.endpoint)
+        # tcp: array data travels in the messages; large frames are received without a copy
+        self.zero_copy = transport_of(spec.endpoint) == TCP
+        if self.zero_copy and spec.listen_fd is not None:
+            bind_reserved(self.socket, spec.endpoint, spec.listen_fd)
+        else:
+            bind_private(self.socket, spec.endpoint)
         self.served = 0  # tenant requests handled with the current key
         self.touched = False  # any tenant request at all: the executor is no longer pristine
         self.last_active = time.time()
         self.running = True
         self.sealed = False  # spilled for a reclaim: tenant requests are refused
-        self.outbox = context.socket(zmq.PULL)
-        self.outbox.linger = 0
-        self.outbox.bind(OUTBOX)  # bound before the data plane's threads connect to it
-        self.dataplane = DataPlane(runtime, context, spec.memory_limit)
+        self.streams = self._inproc(context, zmq.PULL, STREAMS)  # bound before it is connected
+        self.wake_in = self._inproc(context, zmq.PULL, WAKE)
+        self.wake_out = context.socket(zmq.PUSH)  # the main thread's own
+        self.wake_out.linger = 0
+        self.wake_out.connect(WAKE)
+        self.sock_lock = threading.Lock()
+        self.poller = zmq.Poller()
+        for sock in (self.socket, self.streams, self.wake_in):
+            self.poller.register(sock, zmq.POLLIN)
+        self.dataplane = DataPlane(runtime, context, spec.memory_limit, self._send_tenant)
+        self.dataplane.call_started = self._call_started
+        self.watch_cond = threading.Condition()
+        self.watcher_idle = False
+        self.stopped = False
+        self.watcher = threading.Thread(target=self._watch, name="watcher", daemon=True)
+
+    @staticmethod
+    def _inproc(context: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
+        sock = context.socket(kind)
+        sock.linger = 0
+        sock.bind(endpoint)
+        return sock
 
     # -- keys --------------------------------------------------------------------------
     def _key_for(self, header: dict[str, Any]) -> bytes | None:
         return self.control_key if header.get("from") == CONTROL_SENDER else self.tenant_key
 
-    # -- loop --------------------------------------------------------------------------
+    # -- loop (main thread) ------------------------------------------------------------
     def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        poller.register(self.outbox, zmq.POLLIN)
+        """Serve and run calls until shutdown (or a rekey that retires this executor)."""
+        self.dataplane.runner_ident = threading.get_ident()
+        self.watcher.start()
         while self.running:
-            events = dict(poller.poll(100))
-            if self.outbox in events:
-                while True:
-                    try:
-                        route, kind, body, data = self.outbox.recv_pyobj(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._send(route, kind, body, self.tenant_key, None, data)
-            if self.socket in events:
-                frames = self.socket.recv_multipart(copy=True)
-                self._handle(frames[0], frames[1:])
-            self._check_deadline()
-        self.dataplane.stop()
-        self.dataplane.runner.join(timeout=5)
-        self.outbox.close()
-        self.socket.close()
+            job = self.dataplane.next_ready()
+            if job is None:
+                with self.sock_lock:
+                    self._serve_turn(100, limit=1)  # one request: an invocation runs at once
+            else:
+                self._run(job)
+
+    def close(self) -> None:
+        """Stop the watcher and close every socket (the context can then terminate)."""
+        self.stopped = True
+        with self.watch_cond:
+            self.watch_cond.notify()
+        self.watcher.join(timeout=5)
+        self.dataplane.close()
+        for sock in (self.streams, self.wake_in, self.wake_out):
+            sock.close(linger=0)
+        self.socket.close(linger=1000)  # the last replies (a rekey's answer) still go out
+
+    def _run(self, job: Job) -> None:
+        streamed = self.dataplane.streamed
+        kind, body, payload = self.dataplane.run(job)
+        frames = self._sign_tenant(kind, body, payload)
+        if not self.sock_lock.acquire(blocking=False):  # the watcher serves it: ask it back
+            self.wake_out.send(b"")
+            self.sock_lock.acquire()
+        try:
+            if self.dataplane.streamed != streamed:
+                self._forward_streams()  # what the call printed goes before its result
+            self._send_frames([job.route, *frames])
+        finally:
+            self.sock_lock.release()
+
+    def _serve_turn(self, timeout_ms: int, limit: int) -> None:
+        """One poll of the sockets and what came (the caller holds ``sock_lock``)."""
+        events = dict(self.poller.poll(timeout_ms))
+        if self.wake_in in events:
+            _drain(self.wake_in)
+        if self.streams in events:
+            self._forward_streams()
+        if self.socket in events:
+            for i in range(limit):
+                self._handle(*self._receive())
+                if i + 1 == limit or not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    break
+        self._check_deadline()
+
+    def _forward_streams(self) -> None:
+        while self.streams.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            route, body = self.streams.recv_pyobj()
+            self._send(route, "stream", body, self.tenant_key, None)
+
+    # -- the watcher thread --------------------------------------------------------------
+    def _call_started(self) -> None:
+        """Called by the main thread as a call starts: wake the watcher if it sleeps."""
+        if self.watcher_idle:
+            with self.watch_cond:
+                self.watch_cond.notify()
+
+    def _watch(self) -> None:
+        """Serve the socket while a call runs for longer than ``TAKEOVER``. It looks every
+        ``TAKEOVER`` seconds while calls come, and sleeps until the next call after a second
+        without any (no wake-up per call on the main thread's path)."""
+        while not self.stopped:
+            try:
+                self._watch_once()
+            except Exception:  # a bug: the watcher must outlive it, or long calls go unserved
+                log.exception("watcher failed; going on")
+                time.sleep(0.1)
+
+    def _watch_once(self) -> None:
+        job = self.dataplane.current
+        if job is None:
+            if time.time() - self.dataplane.last_active > WATCH_IDLE:
+                self._sleep_until_a_call()
+            else:
+                time.sleep(TAKEOVER)
+            return
+        wait = job.run_started + TAKEOVER - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+            return
+        with self.sock_lock:
+            while self.dataplane.current is job and self.running and not self.stopped:
+                self._serve_turn(100, limit=64)
+        if not self.running:
+            self._exit_after(job)
+
+    def _sleep_until_a_call(self) -> None:
+        with self.watch_cond:
+            self.watcher_idle = True
+            while self.dataplane.current is None and not self.stopped:
+                self.watch_cond.wait()
+            self.watcher_idle = False
+
+    def _exit_after(self, job: Job, grace: float = 5.0) -> None:
+        """Shut down while a call runs: it may finish for a while, then the process goes
+        (Python cannot interrupt it)."""
+        deadline = time.monotonic() + grace
+        while self.dataplane.current is job and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.dataplane.current is job:
+            logging.shutdown()
+            os._exit(0)
+
+    def _send_frames(self, frames: list[Any]) -> None:
+        """Send [route, *signed frames]; large frames (arrays) without a copy."""
+        bulk = any(len(frame) >= BULK_BYTES for frame in frames[3:])
+        send_frames(self.socket, frames, copy=not bulk)
+
+    def _receive(self) -> tuple[bytes, list[Any]]:
+        if self.zero_copy:
+            # [route, signature, header, fn, args, *array buffers]
+            frames = received(self.socket.recv_multipart(copy=False), 3)
+        else:
+            frames = self.socket.recv_multipart(copy=True)
+        return frames[0], frames[1:]
+
+    def _sign_tenant(self, kind: str, body: dict[str, Any], payload: Any = ()) -> list[Any]:
+        """A message to the lease holder, signed with the current tenant key (any thread)."""
+        return encode(kind, body, self.tenant_key, sender="executor", payload=payload)
+
+    def _send_tenant(self, route: bytes, kind: str, body: dict[str, Any], payload: Any) -> None:
+        """The data plane's replies from the thread holding the socket."""
+        self._send_frames([route, *self._sign_tenant(kind, body, payload)])
 
     def _check_deadline(self) -> None:
         """A call past its timeout cannot be stopped inside Python: the caller is told, and the
@@ -88,31 +251,33 @@ class ExecutorServer:
         if running is None or time.time() <= running[2]:
             return
         call_id, route, _ = running
-        self._send(
-            route,
-            "error",
-            {
-                "call_id": call_id,
-                "type": "TimeoutError",
-                "module": "builtins",
-                "message": "the call exceeded its timeout; the executor was stopped and is being "
-                "replaced, and this lease's device arrays are lost",
-                "traceback": "",
-            },
-            self.tenant_key,
-            None,
+        body = {
+            "call_id": call_id,
+            "type": "TimeoutError",
+            "module": "builtins",
+            "message": "the call exceeded its timeout; the executor was stopped and is being "
+            "replaced, and this lease's device arrays are lost",
+            "traceback": "",
+        }
+        # Tracked (zero-copy: small copied frames are never tracked), and waited for: os._exit
+        # would otherwise drop a message still queued.
+        self.socket.copy_threshold = 0
+        tracker = self.socket.send_multipart(
+            [route, *self._sign_tenant("error", body)], copy=False, track=True
         )
+        with contextlib.suppress(zmq.NotDone):
+            tracker.wait(1.0)
         log.error("call %s timed out; exiting so the broker replaces this executor", call_id)
         self.socket.close(linger=1000)
         os._exit(70)
 
-    def _handle(self, route: bytes, frames: list[bytes]) -> None:
-        msg: Message | None = None
-        key = self.control_key
+    def _handle(self, route: bytes, frames: list[Any]) -> None:
+        msg = self._open(route, frames)
+        if msg is None:
+            return
+        control = msg.sender == CONTROL_SENDER
+        key = self.control_key if control else self.tenant_key
         try:
-            msg = decode(frames, self._key_for, self.guard)
-            control = msg.sender == CONTROL_SENDER
-            key = self.control_key if control else self.tenant_key
             method = getattr(self, handler_name("control" if control else "tenant", msg.type), None)
             if method is None:
                 raise UnknownRequest(f"unknown request type {msg.type!r}")
@@ -129,14 +294,28 @@ class ExecutorServer:
             body = method(msg, route)
             if body is not None:
                 self._send(route, "reply", body, key, msg.id)
-        except AuthenticationError as exc:
-            # We cannot sign for a key we do not share; answer unsigned so the peer learns why.
-            self.socket.send_multipart([route, *refusal(str(exc))])
         except MigKernelError as exc:
-            self._send(route, "error", self._error_body(exc, msg), key, msg.id if msg else None)
+            self._send(route, "error", self._error_body(exc, msg), key, msg.id)
         except Exception as exc:  # a bug: report it and keep serving
             log.exception("request failed")
-            self._send(route, "error", self._error_body(exc, msg), key, msg.id if msg else None)
+            self._send(route, "error", self._error_body(exc, msg), key, msg.id)
+
+    def _open(self, route: bytes, frames: list[Any]) -> Message | None:
+        """Verify a request. What cannot be authenticated gets an unsigned refusal (we sign
+        nothing for a peer that does not share a key); a replay of a genuine message gets an
+        error signed with its sender's key, so the sender can tell it apart from a forgery."""
+        try:
+            return decode(frames, self._key_for, self.guard)
+        except ReplayedMessage as exc:
+            header = peek_header(frames)  # the signature was checked before the replay
+            key = self._key_for(header)
+            self._send(route, "error", error_body(exc), key or self.control_key, header["id"])
+        except (AuthenticationError, MalformedMessage) as exc:
+            self.socket.send_multipart([route, *refusal(str(exc))])
+        except Exception as exc:  # a bug in the checks themselves: refuse, keep serving
+            log.exception("could not read a request")
+            self.socket.send_multipart([route, *refusal(f"unreadable request: {exc}")])
+        return None
 
     @staticmethod
     def _error_body(exc: Exception, msg: Message | None) -> dict[str, Any]:
@@ -146,11 +325,8 @@ class ExecutorServer:
             body["call_id"] = msg.body["call_id"]
         return body
 
-    def _send(
-        self, route: bytes, kind: str, body: dict, key: bytes, re: bytes | None, data: bytes = b""
-    ) -> None:
-        frames = encode(kind, body, key, sender="executor", re=re, payload=[data] if data else ())
-        self.socket.send_multipart([route, *frames])
+    def _send(self, route: bytes, kind: str, body: dict, key: bytes, re: bytes | None) -> None:
+        send_frames(self.socket, [route, *encode(kind, body, key, sender="executor", re=re)])
 
     # -- control requests ----------------------------------------------------------------
     def control_ready(self, msg: Message, route: bytes) -> dict[str, Any]:
@@ -208,7 +384,7 @@ class ExecutorServer:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
-    # -- data plane: queued to the stager/runner threads, answered from there ---------------
+    # -- data plane: staged here, run by the main thread, answered from there ---------------
     def _job(self, kind: str, msg: Message, route: bytes, needs_payload: bool) -> Job:
         call_id = msg.body.get("call_id")
         if not isinstance(call_id, str):
@@ -216,10 +392,18 @@ class ExecutorServer:
         timeout = msg.body.get("timeout")
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise BadRequest(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if needs_payload and len(msg.payload) != 2:
-            raise BadRequest("an invocation carries two frames: the function and its arguments")
-        fn_data, data = msg.payload if needs_payload else (b"", b"")
-        return Job(kind, route, call_id, msg.body, data, fn_data)
+        if not needs_payload:
+            return Job(kind, route, call_id, msg.body)
+        fn_data, data = msg.body.get("fn"), msg.body.get("args")
+        if isinstance(fn_data, bytes) and isinstance(data, bytes):  # small: in the header
+            return Job(kind, route, call_id, msg.body, data, fn_data, msg.payload)
+        if len(msg.payload) < 2:
+            raise BadRequest(
+                "an invocation carries the function and its arguments (the body's fn and args, "
+                "or two frames), then the array data it names, if any"
+            )
+        fn_data, data = msg.payload[:2]
+        return Job(kind, route, call_id, msg.body, data, fn_data, msg.payload[2:])
 
     def tenant_invoke(self, msg: Message, route: bytes) -> None:
         self.dataplane.submit(self._job("invoke", msg, route, True))
@@ -231,10 +415,11 @@ class ExecutorServer:
 
     def tenant_fetch(self, msg: Message, route: bytes) -> None:
         items = msg.body.get("items")
-        if not isinstance(items, list) or not all(
-            isinstance(i, list) and len(i) == 4 for i in items
-        ):
-            raise BadRequest("fetch needs items [[handle, segment, offset, nbytes], ...]")
+        if not isinstance(items, list) or not all(_fetch_item(i) for i in items):
+            raise BadRequest(
+                "fetch needs items [[handle, segment, offset, nbytes], ...] (into the arena) or "
+                "[[handle, nbytes], ...] (back in the reply)"
+            )
         self.dataplane.fetch(self._job("fetch", msg, route, False))
 
     def tenant_cancel(self, msg: Message, route: bytes) -> dict[str, Any]:
@@ -255,6 +440,20 @@ class ExecutorServer:
         return {"freed": len(ids)}
 
 
+def _drain(sock: zmq.Socket) -> None:
+    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        sock.recv()
+
+
+def _fetch_item(item: Any) -> bool:
+    """[handle, segment, offset, nbytes] or [handle, nbytes], all ints but the segment path."""
+    if not isinstance(item, list) or len(item) not in (2, 4):
+        return False
+    numbers = [item[0], item[-1], *item[2:3]]
+    ok = all(isinstance(n, int) and n >= 0 for n in numbers)
+    return ok and (len(item) == 2 or isinstance(item[1], str))
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s executor %(levelname)s %(message)s")
     spec = ExecutorSpec.from_json(sys.stdin.read())
@@ -266,9 +465,6 @@ def main() -> int:
     context = zmq.Context()
     server = ExecutorServer(spec, runtime, context)
     server.serve()
-    if server.dataplane.runner.is_alive():
-        # A function is still running and cannot be interrupted: leave without waiting for it.
-        logging.shutdown()
-        os._exit(0)
+    server.close()
     context.term()
     return 0

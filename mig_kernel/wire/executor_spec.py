@@ -2,9 +2,10 @@
 
 The broker writes an ``ExecutorSpec`` as JSON to the executor's stdin (never argv: keys would be
 visible in ``ps``), with ``CUDA_VISIBLE_DEVICES`` already set in its environment. The executor
-warms its runtime, binds a ROUTER at ``endpoint`` and serves. The broker connects and sends
-``ready`` right after spawning; ZeroMQ keeps that request queued until the executor binds, so
-the reply arrives exactly when the executor is usable.
+warms its runtime, binds a ROUTER at ``endpoint`` (a ``tcp://`` one on the listening socket
+``listen_fd`` the broker reserved for it, see wire/transport.py) and serves. The broker connects
+and sends ``ready`` right after spawning; ZeroMQ keeps that request queued until the executor
+binds, so the reply arrives exactly when the executor is usable.
 
 Control requests (sender ``"broker"``, signed with ``control_key``):
 - ``ready`` -> ``{pid, runtime, warm_seconds, device}``
@@ -36,6 +37,7 @@ class ExecutorSpec:
     memory_limit: int | None
     replay_window: float = 30.0
     issued_at: float = 0.0  # messages stamped earlier are refused (none can be meant for us)
+    listen_fd: int | None = None  # tcp: the inherited listening socket of ``endpoint``
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

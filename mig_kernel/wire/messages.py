@@ -2,12 +2,14 @@
 
 ``header`` is msgpack: ``{"v", "type", "id", "ts", "from", "re", "body"}``. The signature is
 HMAC-SHA256 over the header and every payload frame (each length-prefixed, so frames cannot be
-re-cut). Payload frames carry bulk bytes that should not be msgpacked (pickled functions);
-array data never travels here, it goes through shared memory.
+re-cut). Payload frames carry bulk bytes that should not be msgpacked (large pickles; array data
+of a tcp executor); small data-plane payloads ride in the body (``INLINE_BYTES``). Over ipc,
+array data never travels here: it goes through shared memory.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -22,8 +24,13 @@ import msgpack
 from .errors import AuthenticationError, MalformedMessage, ReplayedMessage, UnknownRequest
 from .signing import SIGNATURE_BYTES, ReplayGuard
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: small payloads inside the header (the data-plane latency work)
 MAX_HEADER_BYTES = 4 * 1024 * 1024
+# Data-plane payloads (a pickled function, its arguments, a result) up to this size travel as
+# fields of the signed header rather than frames of their own: every ZeroMQ frame costs a few
+# microseconds to send and to receive in Python (an invocation sent and received as two frames
+# instead of four: 16.8 us instead of 20.6 us, measured on the 2-core machine).
+INLINE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -37,11 +44,22 @@ class Message:
     payload: list[bytes] = field(default_factory=list)
 
 
+_LENGTH = struct.Struct("!Q").pack
+
+
+@functools.lru_cache(maxsize=1024)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 with the key already absorbed: copying it costs less than keying anew
+    (a message's MAC: 2.6 us instead of 3.2 us, measured on the 2-core machine)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
 def _mac(key: bytes, header: bytes, payload: Sequence[bytes]) -> bytes:
-    mac = hmac.new(key, struct.pack("!Q", len(header)), hashlib.sha256)
+    mac = _keyed(key).copy()
+    mac.update(_LENGTH(len(header)))
     mac.update(header)
     for frame in payload:
-        mac.update(struct.pack("!Q", len(frame)))
+        mac.update(_LENGTH(len(frame)))
         mac.update(frame)
     return mac.digest()
 

@@ -100,6 +100,7 @@ SECTIONS = (
     "native_cold_start",
     "warm_first_call",
     "small_kernel",
+    "call_breakdown",
     "h2d",
     "d2h",
     "pipelining",
@@ -109,7 +110,7 @@ SECTIONS = (
     "interference_mig_kernel",
     "interference_native",
 )
-WHOLE_GPU = SECTIONS[1:8]
+WHOLE_GPU = SECTIONS[1:9]
 
 
 @dataclass(frozen=True)
@@ -435,6 +436,54 @@ def small_kernel_section(session: Any, reps: int, native: bool, backend: str) ->
         "remoted_p99_us": percentile(remote, 99) * 1e6,
         "native": _skipped_native(backend),
     }
+
+
+def call_breakdown_section(session: Any, reps: int) -> dict[str, Any]:
+    """Where a small-kernel call's time goes: the same round trip with less and less work,
+    interleaved in rounds of 50 so each variant sees the same machine. ``empty_call`` is the
+    floor of the remoting path (no argument, no kernel, None back); ``kernel_kept`` adds a
+    device argument, the kernel, a stream synchronize and a RemoteArray result (its handle
+    freed when dropped); ``kernel_kept_new_lambda`` is small_kernel's own loop (a new lambda
+    object each call); ``kernel_scalar`` returns a float instead of a handle. The executor's
+    own time for the kernel (``compute_ms``: the function and its synchronize) comes from
+    ``submit().timings``. Client wall (perf_counter), microseconds."""
+    rx = session.put(np.ones(1024, dtype=np.float32))
+
+    def noop() -> None:
+        return None
+
+    def double(a: Any) -> Any:
+        return a * 2
+
+    def double_scalar(a: Any) -> float:
+        return float((a * 2)[0])
+
+    variants: dict[str, Callable[[], Any]] = {
+        "empty_call": lambda: session.run(noop),
+        "kernel_kept": lambda: session.run(double, rx),
+        "kernel_kept_new_lambda": lambda: session.run(lambda a: a * 2, rx),
+        "kernel_scalar": lambda: session.run(double_scalar, rx),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for call in variants.values():  # warm-up: kernels compiled, functions cached
+        for _ in range(20):
+            call()
+    rounds = max(1, reps // 50)
+    for _ in range(rounds):
+        for name, call in variants.items():
+            for _ in range(50):
+                t = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t)
+    compute = []
+    for _ in range(100):
+        invocation = session.submit(double, rx)
+        invocation.result()
+        compute.append(invocation.timings["compute_ms"] / 1e3)
+    result: dict[str, Any] = {name: _stats(values) for name, values in times.items()}
+    result["executor_compute_us"] = _stats(compute)
+    result["clock"] = "client wall (perf_counter), us; executor_compute_us: submit().timings"
+    return result
 
 
 def h2d_section(session: Any, cfg: SuiteConfig, native: bool, backend: str) -> dict[str, Any]:
@@ -1236,6 +1285,10 @@ def _whole_gpu(
             lambda br: with_session(
                 br, lambda s: small_kernel_section(s, cfg.reps, native, backend)
             ),
+        ),
+        (
+            "call_breakdown",
+            lambda br: with_session(br, lambda s: call_breakdown_section(s, cfg.reps)),
         ),
         ("h2d", lambda br: with_session(br, lambda s: h2d_section(s, cfg, native, backend))),
         ("d2h", lambda br: with_session(br, lambda s: d2h_section(s, cfg, native, backend))),

@@ -55,46 +55,26 @@ def section(name: str, body: Callable[[], Any]) -> Any:
     return result
 
 
-def notebook_bench(backend: str, quick: bool) -> dict[str, Any]:
-    """notebook_bench.py in its own process (it starts kernels with jupyter_client)."""
-    with tempfile.TemporaryDirectory(prefix="mig-report-nb-") as tmp:
-        out = Path(tmp) / "notebook.json"
-        starts, cells = ("4", "50") if quick else ("10", "200")
-        cmd = [sys.executable, str(HERE / "notebook_bench.py"), "--backend", backend]
-        cmd += ["--starts", starts, "--cells", cells, "--out", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+def script(name: str, *args: str) -> dict[str, Any]:
+    """A benchmark script in its own process, its JSON result read back: each part starts on
+    a clean process (no threads or imports left by an earlier part, such as Ray's)."""
+    with tempfile.TemporaryDirectory(prefix="mig-report-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(HERE / name), *args, "--out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0 or not out.exists():
-            raise RuntimeError(f"notebook_bench exited {done.returncode}: {done.stderr[-3000:]}")
+            raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr[-3000:]}")
         return json.loads(out.read_text())
 
 
+def notebook_bench(backend: str, quick: bool) -> dict[str, Any]:
+    starts, cells = ("4", "50") if quick else ("10", "200")
+    return script("notebook_bench.py", "--backend", backend, "--starts", starts, "--cells", cells)
+
+
 def workloads(backend: str, quick: bool) -> dict[str, Any]:
-    import workloads as w
-
-    import mig_kernel
-    from mig_kernel.testing import BrokerProcess, all_free
-
-    if backend == "sim":
-        import numpy as native_xp
-
-        args = ["--backend", "sim", "--sim-layout", "H100-80GB:7x1g.10gb"]
-    else:
-        import cupy as native_xp
-
-        args = ["--backend", "nvml"]
-    with tempfile.TemporaryDirectory(prefix="mig-report-wl-") as tmp:
-        broker = BrokerProcess(Path(tmp) / "state", args)
-        broker.start()
-        try:
-            broker.wait_for(all_free, timeout=180)
-            session = mig_kernel.connect(broker=broker.connection_file)
-            try:
-                requests = 30 if quick else 200
-                return w.run_workloads(session, native_xp, requests=requests, warmup=5, quick=quick)
-            finally:
-                session.release()
-        finally:
-            broker.stop()
+    extra = ["--quick", "--requests", "30"] if quick else ["--requests", "200"]
+    return script("workloads.py", "--backend", backend, *extra)
 
 
 def run(suite: str, quick: bool) -> dict[str, Any]:

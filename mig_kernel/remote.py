@@ -240,11 +240,6 @@ class ExecutorConnection:
         frames = encode(msg_type, body, self.key, sender=self.lease_id, payload=frames_out)
         send_frames(self.socket, frames)  # copies: the caller may change its arrays now
 
-    def _flush_frees(self) -> None:
-        if self.to_free:
-            ids, self.to_free = self.to_free, []
-            self._send("free", {"call_id": f"free-{os.urandom(4).hex()}", "ids": ids})
-
     def _pickle_hook(self, out: Outgoing) -> Callable[[Any], tuple[Any, ...] | None]:
         written: dict[int, tuple[Any, ...]] = {}  # id -> pid: a fallback re-pickle reuses it
 
@@ -289,10 +284,11 @@ class ExecutorConnection:
             raise
         invocation = Invocation(self, call_id, to_host, out, timeout)
         with self.lock:
-            self._flush_frees()
             self.pending[call_id] = invocation
             try:
                 body = {"call_id": call_id, "timeout": timeout, **body}
+                if self.to_free:  # collected handles ride along: no message of their own
+                    body["free"], self.to_free = self.to_free, []
                 if len(fn_data) + len(data) <= INLINE_BYTES:  # in the header: two frames fewer
                     body["fn"], body["args"] = fn_data, data
                     self._send(msg_type, body, *out.buffers)

@@ -168,3 +168,24 @@ def test_a_global_defined_later_repickles(counted) -> None:
         run(cache.dumps(fn))
     fn.__globals__["LATER"] = 7
     assert run(cache.dumps(fn)) == 7
+
+
+def test_new_lambdas_of_the_same_code_reuse_the_pickle(counted) -> None:
+    cache, misses = counted
+    made = [lambda a: a * SCALE for _ in range(3)]  # three function objects, one code object
+    first = cache.dumps(made[0])
+    assert all(cache.dumps(fn) is first for fn in made[1:]) and len(misses) == 1
+    assert run(first, 4) == 8
+
+
+def test_a_lambda_closing_over_another_value_is_pickled_afresh(counted) -> None:
+    cache, misses = counted
+
+    def scaler(k: int):
+        return lambda a: a * k
+
+    by_two, by_three = scaler(2), scaler(3)
+    assert by_two.__code__ is by_three.__code__
+    two, three = cache.dumps(by_two), cache.dumps(by_three)
+    assert len(misses) == 2 and run(two, 5) == 10 and run(three, 5) == 15
+    assert cache.dumps(scaler(3)) == three and len(misses) == 2  # same code, same value

@@ -406,9 +406,22 @@ class ExecutorServer:
         return Job(kind, route, call_id, msg.body, data, fn_data, msg.payload[2:])
 
     def tenant_invoke(self, msg: Message, route: bytes) -> None:
+        self._free_carried(msg)
         self.dataplane.submit(self._job("invoke", msg, route, True))
 
+    def _free_carried(self, msg: Message) -> None:
+        """Handles the client collected since its last call travel in the call's ``free``
+        field (one message fewer per call); freed first, so a call that is refused for
+        another reason still frees them."""
+        ids = msg.body.get("free")
+        if ids is None:
+            return
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise BadRequest("free needs ids: [int, ...]")
+        self.dataplane.free(ids)
+
     def tenant_call(self, msg: Message, route: bytes) -> None:
+        self._free_carried(msg)
         if msg.body.get("op") not in ("alloc", "put", "launch"):
             raise BadRequest(f"unknown call {msg.body.get('op')!r}: expected alloc, put or launch")
         self.dataplane.submit(self._job("call", msg, route, True))

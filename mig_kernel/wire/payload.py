@@ -94,12 +94,19 @@ class FunctionPickles:
       of loaded modules is unchanged (cloudpickle records which submodules were imported).
     Anything else (a global list or dict, a helper function or class from the notebook,
     function attributes, non-string annotations) is pickled on every call, as before.
+
+    By-value entries are also found through the function's code object, so a new function
+    object made from the same code (``s.run(lambda a: a * 2, x)`` in a loop makes one per
+    call) reuses the pickle when its snapshot matches: the check compares the same captured
+    objects, so a lambda closing over another value is pickled afresh.
     """
 
     def __init__(self, max_entries: int = 256) -> None:
         self.max_entries = max_entries
         self._entries: weakref.WeakKeyDictionary[types.FunctionType, _Entry]
         self._entries = weakref.WeakKeyDictionary()
+        self._by_code: weakref.WeakKeyDictionary[types.CodeType, _Entry]
+        self._by_code = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def dumps(self, fn: Any) -> bytes:
@@ -107,6 +114,8 @@ class FunctionPickles:
             return dumps_function(fn)
         with self._lock:
             entry = self._entries.get(fn)
+            if entry is None:
+                entry = self._by_code.get(fn.__code__)
         if entry is not None and entry.still_valid(fn):
             return entry.data
         data = dumps_function(fn)
@@ -114,10 +123,14 @@ class FunctionPickles:
         with self._lock:
             if fresh is None:
                 self._entries.pop(fn, None)
+                self._by_code.pop(fn.__code__, None)
             else:
                 if len(self._entries) >= self.max_entries:
                     self._entries.clear()
+                    self._by_code.clear()
                 self._entries[fn] = fresh
+                if not fresh.by_reference:  # by name: only that very function resolves
+                    self._by_code[fn.__code__] = fresh
         return data
 
 

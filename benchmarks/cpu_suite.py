@@ -54,7 +54,15 @@ from broker_bench import (
     machine,
     percentile,
 )
-from dataplane_bench import Driver, dask_system, log_problems, ray_system, run_system, summary
+from dataplane_bench import (
+    Driver,
+    dask_system,
+    log_problems,
+    ray_system,
+    run_system,
+    summary,
+    timed,
+)
 
 import mig_kernel
 from mig_kernel.testing import BrokerProcess, all_free
@@ -95,17 +103,6 @@ def sizes(quick: bool) -> list[Size]:
         Size("64MiB", 64 * MiB, 30, 3),
         Size("256MiB", 256 * MiB, 10, 2),
     ]
-
-
-def timed(call: Callable[[], Any], reps: int, warmup: int) -> list[float]:
-    samples = []
-    for i in range(warmup + reps):
-        t = time.perf_counter()
-        call()
-        dt = time.perf_counter() - t
-        if i >= warmup:
-            samples.append(dt)
-    return samples
 
 
 def round_trips(driver: Driver, cases: list[Size]) -> dict[str, Any]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -53,7 +52,8 @@ import cloudpickle
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from broker_bench import machine, percentile
+from broker_bench import machine
+from dataplane_bench import summary
 
 import mig_kernel
 from mig_kernel.testing import BrokerProcess, all_free
@@ -360,17 +360,6 @@ def native_resnet(xp: ModuleType, model: Any, images: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- timing
-def summary(samples: list[float]) -> dict[str, Any]:
-    return {
-        "n": len(samples),
-        "p50_ms": percentile(samples, 50) * 1e3,
-        "p99_ms": percentile(samples, 99) * 1e3,
-        "mean_ms": statistics.fmean(samples) * 1e3,
-        "min_ms": min(samples) * 1e3,
-        "max_ms": max(samples) * 1e3,
-    }
-
-
 def phases(
     native: Callable[[int], Any],
     remoted: Callable[[int], Any],

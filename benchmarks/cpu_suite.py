@@ -57,7 +57,6 @@ from broker_bench import (
 from dataplane_bench import (
     Driver,
     dask_system,
-    log_problems,
     ray_system,
     run_system,
     summary,
@@ -85,24 +84,19 @@ class Size:
     warmup: int
 
 
+# name, bytes (None: the empty call), (reps, warm-up) full, (reps, warm-up) quick
+CASES = [
+    ("empty", None, (2000, 100), (100, 20)),
+    ("4KiB", 4 * KiB, (2000, 100), (100, 20)),
+    ("1MiB", MiB, (300, 20), (30, 5)),
+    ("16MiB", 16 * MiB, (60, 5), (10, 2)),
+    ("64MiB", 64 * MiB, (30, 3), (5, 2)),
+    ("256MiB", 256 * MiB, (10, 2), (3, 1)),
+]
+
+
 def sizes(quick: bool) -> list[Size]:
-    if quick:
-        return [
-            Size("empty", None, 100, 20),
-            Size("4KiB", 4 * KiB, 100, 20),
-            Size("1MiB", MiB, 30, 5),
-            Size("16MiB", 16 * MiB, 10, 2),
-            Size("64MiB", 64 * MiB, 5, 2),
-            Size("256MiB", 256 * MiB, 3, 1),
-        ]
-    return [
-        Size("empty", None, 2000, 100),
-        Size("4KiB", 4 * KiB, 2000, 100),
-        Size("1MiB", MiB, 300, 20),
-        Size("16MiB", 16 * MiB, 60, 5),
-        Size("64MiB", 64 * MiB, 30, 3),
-        Size("256MiB", 256 * MiB, 10, 2),
-    ]
+    return [Size(name, nbytes, *(short if quick else full)) for name, nbytes, full, short in CASES]
 
 
 def round_trips(driver: Driver, cases: list[Size]) -> dict[str, Any]:
@@ -130,29 +124,11 @@ def round_trips(driver: Driver, cases: list[Size]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def mig_kernel_system(notes: list[str], broker_args: list[str]) -> Iterator[Driver]:
-    """A sim broker with ``broker_args``, one leased slice, and its noop/echo calls."""
-    with tempfile.TemporaryDirectory(prefix="mig-cpu-suite-") as tmp:
-        state = Path(tmp) / "state"
-        broker = BrokerProcess(state, ["--backend", "sim", "--sim-layout", LAYOUT, *broker_args])
-        broker.start()
-        try:
-            broker.wait_for(all_free, timeout=120)
-            session = mig_kernel.connect(broker=broker.connection_file)
-            try:
-                endpoint = session.executor_endpoint or ""
-                notes.append(f"executor endpoint scheme: {endpoint.split(':', 1)[0]}")
-                yield Driver(
-                    noop=lambda: session.run(dataplane_bench.noop),
-                    echo=lambda x: session.run(dataplane_bench.identity, x, to_host=True),
-                    version=mig_kernel.__version__,
-                )
-            finally:
-                session.release()
-        finally:
-            code = broker.stop()
-            if code:
-                notes.append(f"broker exited with status {code}")
-            notes.extend(log_problems([broker.log, *sorted((state / "logs").glob("*"))]))
+    """dataplane_bench's mig-kernel system with ``broker_args`` (the transport)."""
+    with dataplane_bench.mig_kernel_system(notes, broker_args) as (driver, session):
+        endpoint = session.executor_endpoint or ""
+        notes.append(f"executor endpoint scheme: {endpoint.split(':', 1)[0]}")
+        yield driver
 
 
 def cold_vs_warm(tmp: Path, rounds: int) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,10 +131,14 @@ def measure(driver: Driver, cfg: Config) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- mig-kernel
 @contextlib.contextmanager
-def mig_kernel_system(notes: list[str]) -> Iterator[tuple[Driver, Any]]:
+def mig_kernel_system(
+    notes: list[str], broker_args: Sequence[str] = ()
+) -> Iterator[tuple[Driver, Any]]:
+    """A sim broker (``broker_args`` added to its command line), one leased slice, and the
+    driver of its noop/echo calls."""
     with tempfile.TemporaryDirectory(prefix="mig-dataplane-") as tmp:
         state = Path(tmp) / "state"
-        broker = BrokerProcess(state, ["--backend", "sim", "--sim-layout", LAYOUT])
+        broker = BrokerProcess(state, ["--backend", "sim", "--sim-layout", LAYOUT, *broker_args])
         broker.start()
         try:
             t = time.perf_counter()

@@ -13,7 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from targets import lookup
+from targets import at, lookup
 
 SYSTEM_LABELS = {
     "mig_kernel": "mig-kernel (ipc + shared memory)",
@@ -161,8 +161,7 @@ WG = ("gpu", "whole_gpu")
 
 
 def _num(results: dict[str, Any], *path: str) -> float | None:
-    value = lookup(results, path)
-    return float(value) if isinstance(value, (int, float)) else None
+    return at(*path)(results)
 
 
 def gpu_calls(results: dict[str, Any], path: Path) -> Path | None:

@@ -401,6 +401,17 @@ def phases(
 
 
 # ----------------------------------------------------------------------------------- workloads
+def upload(session: Any, native_xp: ModuleType, host: Any) -> tuple[Any, Any, dict[str, float]]:
+    """Arrays (a model, a graph) onto the native device and onto the slice, once, timed."""
+    t = time.perf_counter()
+    native = to_device(native_xp, host)
+    native_s = time.perf_counter() - t
+    t = time.perf_counter()
+    remote = session.run(remote_keep, host)
+    remote_s = time.perf_counter() - t
+    return native, remote, {"native": native_s * 1e3, "remoted": remote_s * 1e3}
+
+
 def run_resnet(
     session: Any, native_xp: ModuleType, size: ResNetSize, requests: int, warmup: int
 ) -> dict[str, Any]:
@@ -408,12 +419,7 @@ def run_resnet(
     rng = np.random.default_rng(3)
     shape = (size.batch, 3, size.image, size.image)
     batches = [rng.standard_normal(shape, dtype=np.float32) for _ in range(4)]
-    t = time.perf_counter()
-    native_model = to_device(native_xp, host_model)
-    native_upload = time.perf_counter() - t
-    t = time.perf_counter()
-    remote_model = session.run(remote_keep, host_model)
-    remote_upload = time.perf_counter() - t
+    native_model, remote_model, upload_ms = upload(session, native_xp, host_model)
 
     expected = native_resnet(native_xp, native_model, batches[0])
     got = session.run(remote_resnet, remote_model, batches[0], to_host=True)
@@ -439,7 +445,7 @@ def run_resnet(
             **resnet_cost(size, host_model),
         },
         "verified": {"logits_allclose": True, "max_abs_diff": max_diff, "logit_scale": scale},
-        "model_upload_ms": {"native": native_upload * 1e3, "remoted": remote_upload * 1e3},
+        "model_upload_ms": upload_ms,
         **timing,
     }
 
@@ -461,12 +467,7 @@ def run_bfs(
 
     graph = small if size == GRAPH_QUICK else make_graph(size)
     sources = pick_sources(graph, 16)
-    t = time.perf_counter()
-    native_graph = to_device(native_xp, graph)
-    native_upload = time.perf_counter() - t
-    t = time.perf_counter()
-    remote_graph = session.run(remote_keep, graph)
-    remote_upload = time.perf_counter() - t
+    native_graph, remote_graph, upload_ms = upload(session, native_xp, graph)
 
     native_levels, _ = bfs_levels(
         native_xp, native_graph["offsets"], native_graph["indices"], sources[0]
@@ -502,7 +503,7 @@ def run_bfs(
             "levels_equal": True,
             "answers_equal": True,
         },
-        "graph_upload_ms": {"native": native_upload * 1e3, "remoted": remote_upload * 1e3},
+        "graph_upload_ms": upload_ms,
         **timing,
     }
 

@@ -68,6 +68,7 @@ class Job:
     stage_wall: float = 0.0
     started: float = field(default_factory=time.time)
     run_started: float = 0.0  # monotonic, once it runs (the watcher takes over after a while)
+    deadline: float = float("inf")  # epoch seconds its timeout ends, once it runs
     cancelled: bool = False  # the caller gave up on it before it ran
 
 
@@ -92,7 +93,6 @@ class DataPlane:
         self.stdout = _Stream(self, "stdout", sys.stdout)
         self.stderr = _Stream(self, "stderr", sys.stderr)
         self.current: Job | None = None  # the call running now
-        self.running: tuple[str, bytes, float] | None = None  # (call id, route, deadline)
         self.runner_ident = threading.get_ident()  # the thread that runs calls (cancel)
         self.call_started: Callable[[], None] = lambda: None  # the server wakes its watcher
         self.cancel_lock = threading.Lock()  # orders a cancel against the end of a call
@@ -196,7 +196,8 @@ class DataPlane:
             job.cancelled = True
             return "queued"
         with self.cancel_lock:
-            if self.running is not None and self.running[0] == call_id:
+            current = self.current
+            if current is not None and current.call_id == call_id:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(self.runner_ident), ctypes.py_object(KeyboardInterrupt)
                 )
@@ -210,7 +211,6 @@ class DataPlane:
         while True:
             try:
                 with self.cancel_lock:
-                    self.running = None
                     self.current = None
                     if self.interrupting:
                         self.interrupting = False
@@ -324,9 +324,9 @@ class DataPlane:
                 job, KeyboardInterrupt("cancelled by the caller before it ran")
             )
         timeout = job.body.get("timeout")
-        deadline = time.time() + float(timeout) if timeout else float("inf")
+        if timeout:
+            job.deadline = time.time() + float(timeout)
         job.run_started = began = time.monotonic()
-        self.running = (job.call_id, job.route, deadline)
         self.current = job
         self.call_started()
         self.last_active = time.time()

@@ -247,12 +247,11 @@ class ExecutorServer:
     def _check_deadline(self) -> None:
         """A call past its timeout cannot be stopped inside Python: the caller is told, and the
         executor exits so the broker replaces it (the lease keeps its slice)."""
-        running = self.dataplane.running
-        if running is None or time.time() <= running[2]:
+        job = self.dataplane.current
+        if job is None or time.time() <= job.deadline:
             return
-        call_id, route, _ = running
         body = {
-            "call_id": call_id,
+            "call_id": job.call_id,
             "type": "TimeoutError",
             "module": "builtins",
             "message": "the call exceeded its timeout; the executor was stopped and is being "
@@ -263,11 +262,11 @@ class ExecutorServer:
         # would otherwise drop a message still queued.
         self.socket.copy_threshold = 0
         tracker = self.socket.send_multipart(
-            [route, *self._sign_tenant("error", body)], copy=False, track=True
+            [job.route, *self._sign_tenant("error", body)], copy=False, track=True
         )
         with contextlib.suppress(zmq.NotDone):
             tracker.wait(1.0)
-        log.error("call %s timed out; exiting so the broker replaces this executor", call_id)
+        log.error("call %s timed out; exiting so the broker replaces this executor", job.call_id)
         self.socket.close(linger=1000)
         os._exit(70)
 
@@ -346,7 +345,7 @@ class ExecutorServer:
         return {"pristine": True}
 
     def control_stats(self, msg: Message, route: bytes) -> dict[str, Any]:
-        busy = self.dataplane.running is not None
+        busy = self.dataplane.current is not None
         return {
             "last_active": time.time()
             if busy

@@ -53,7 +53,7 @@ def bench_grant_latency(tmp: Path, pairs: int) -> dict[str, Any]:
     """One client, acquire(wait=False) then release, back to back: the client-side round trip
     of a grant from the warm pool (7 free slices, so the just-released slice's rekey never
     blocks the next grant)."""
-    broker = start(tmp, "latency", "H100-80GB:7x1g.10gb", "--Broker.per_user_limit=1")
+    broker = start(tmp, "latency", "H100-80GB:7x1g.10gb", "--LeasePolicy.per_user_limit=1")
     try:
         grants: list[float] = []
         releases: list[float] = []
@@ -110,7 +110,7 @@ def _client_worker(
 def bench_throughput(
     tmp: Path, name: str, layout: str, clients: int, processes: int, duration: float
 ) -> dict[str, Any]:
-    broker = start(tmp, name, layout, f"--Broker.per_user_limit={clients}")
+    broker = start(tmp, name, layout, f"--LeasePolicy.per_user_limit={clients}")
     try:
         queue: multiprocessing.Queue = multiprocessing.Queue()
         start_at = time.time() + 2.0

@@ -16,12 +16,14 @@ from traitlets import Bool, Enum, Int, List, Unicode
 from traitlets.config import Application, catch_config_error
 
 from . import __version__
-from .broker.identity import LocalUserIdentity
+from .broker.identity import LocalUserIdentity, PeerCredentialIdentity
+from .broker.policy import LeasePolicy
 from .broker.server import Broker, BrokerStartError
 from .client import BrokerClient
 from .jupyter import kernelspec
 from .jupyter.lab import LabError, LabOptions, run_lab
 from .slices import DEFAULT_SIM_LAYOUT, SliceError, make_inventory
+from .wire.connection import SYSTEM_CONNECTION_FILE
 from .wire.errors import MigKernelError
 
 
@@ -47,7 +49,7 @@ class BaseApp(Application):
 class BrokerApp(BaseApp):
     name = "mig-kernel broker"
     description = "Run the node broker in the foreground (Ctrl-C or SIGTERM stops it cleanly)."
-    classes = [Broker, LocalUserIdentity]
+    classes = [Broker, LeasePolicy, LocalUserIdentity, PeerCredentialIdentity]
     backend = Enum(
         ["auto", "nvml", "sim"],
         "auto",
@@ -67,10 +69,23 @@ class BrokerApp(BaseApp):
         "sim-layout": "BrokerApp.sim_layout",
         "share": "BrokerApp.share",
         "state-dir": "Broker.state_dir",
+        "runtime-dir": "Broker.runtime_dir",
+        "spill-dir": "Broker.spill_dir",
+        "lock-dir": "Broker.lock_dir",
         "idle-timeout": "Broker.idle_timeout",
-        "per-user-limit": "Broker.per_user_limit",
+        "per-user-limit": "LeasePolicy.per_user_limit",
+        "admin-users": "LeasePolicy.admin_users",
+        "admin-groups": "LeasePolicy.admin_groups",
         "executor-transport": "Broker.executor_transport",
         "log-level": "Application.log_level",
+    }
+    flags = {
+        "multi-user": (
+            {"Broker": {"multi_user": True}},
+            "Serve every local user (run as root): identity from the socket (SO_PEERCRED), "
+            "executors run as their lease holder, public broker.json in the runtime dir "
+            "(default /run/mig-kernel), state in /var/lib/mig-kernel.",
+        )
     }
 
     def start(self) -> None:
@@ -114,11 +129,16 @@ class ClientApp(BaseApp):
         return BrokerClient(self.connection_file or None)
 
     def run(self, action: Any) -> Any:
+        """``action(client)``; any failure to reach or be served by the broker is one line
+        (``mig-kernel status: error: <reason>``) and exit status 1, never a traceback: it is
+        what a user reads to learn that the broker is down or not theirs."""
+        from .wire.reach import describe_failure
+
         try:
             with self.client() as client:
                 return action(client)
-        except MigKernelError as exc:
-            self.fail(str(exc), code=1)
+        except (MigKernelError, OSError) as exc:
+            self.fail(describe_failure(exc), code=1)
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -232,6 +252,13 @@ class InstallKernelspecApp(BaseApp):
         help="The broker whose profiles to install (default: $MIG_KERNEL_BROKER, then the "
         "state dir; with no broker answering, the node is discovered locally).",
     ).tag(config=True)
+    multi_user = Bool(
+        False,
+        help="Kernelspecs for every user of a node with a multi-user broker: they name its "
+        "public connection file (--broker, default /run/mig-kernel/broker.json), so kernels of "
+        "any user reach it with no setting of their own. Install them where every user's "
+        "Jupyter looks (this environment, or --prefix /usr/local).",
+    ).tag(config=True)
     aliases = {
         "prefix": "InstallKernelspecApp.prefix",
         "profile": "InstallKernelspecApp.profiles",
@@ -245,12 +272,19 @@ class InstallKernelspecApp(BaseApp):
             {"InstallKernelspecApp": {"prefix": sys.prefix}},
             f"Install into this environment ({sys.prefix}); the default.",
         ),
+        "multi-user": (
+            {"InstallKernelspecApp": {"multi_user": True}},
+            "Kernelspecs that name the node's multi-user broker (see --help-all).",
+        ),
     }
 
     def start(self) -> None:
         if self.user and self.prefix:
             self.fail("give one of --user, --sys-prefix, --prefix")
-        offered = kernelspec.node_profiles(self.connection_file or None)
+        broker = self.connection_file or None
+        if self.multi_user:
+            broker = broker or str(SYSTEM_CONNECTION_FILE)
+        offered = kernelspec.node_profiles(broker)
         wanted = [p.strip() for item in self.profiles for p in item.split(",") if p.strip()]
         chosen = offered
         if wanted:
@@ -272,6 +306,7 @@ class InstallKernelspecApp(BaseApp):
             idle_timeout=self.idle_timeout,
             any_isolations=[isolation for _, isolation in offered],
             prune=not wanted,
+            broker=broker if self.multi_user else None,
         )
         for name, path in installed:
             spec = json.loads((Path(path) / "kernel.json").read_text())

@@ -18,23 +18,37 @@ from .wire.errors import MigKernelError
 
 
 class BrokerProcess:
-    def __init__(self, state_dir: Path, args: list[str], pythonpath: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        args: list[str],
+        pythonpath: tuple[str, ...] = (),
+        *,
+        connection_file: Path | None = None,
+        lock_dir: Path | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.args = args
         self.pythonpath = pythonpath  # extra import paths (test identity providers)
-        self.connection_file = state_dir / "broker.json"
+        # A multi-user broker writes its public connection file into its runtime dir.
+        self.connection_file = connection_file or state_dir / "broker.json"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state_dir.parent / f"{state_dir.name}-broker.log"
+        # Its own per-GPU locks unless told otherwise: brokers of tests and benchmarks often
+        # serve the same simulated GPU at once (and a developer's `make run` may, too).
+        self.lock_dir = lock_dir or state_dir.parent / f"{state_dir.name}-locks"
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")])
         env["JUPYTER_CONFIG_DIR"] = str(self.state_dir.parent / "jupyter-config")
         env["JUPYTER_CONFIG_PATH"] = ""
+        env["MIG_KERNEL_LOCK_DIR"] = str(self.lock_dir)
         env.pop("MIG_KERNEL_BROKER", None)
         return env
 
     def start(self, timeout: float = 60.0) -> BrokerProcess:
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.connection_file.unlink()
         cmd = [

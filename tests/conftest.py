@@ -9,6 +9,7 @@ from mig_kernel.testing import BrokerProcess, all_free
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = "--Broker.identity_provider_class=tests.support.identity.ClaimedUserIdentity"
+CLAIMED_ADMIN = "--LeasePolicy.admin_users=admin"  # the user name ClaimedUserIdentity tests use
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     ) -> BrokerProcess:
         argv = ["--backend", "sim", "--sim-layout", layout, *args]
         if multi_user:
-            argv.append(IDENTITY)
+            argv += [IDENTITY, CLAIMED_ADMIN]
         broker = BrokerProcess(tmp_path / name, argv, pythonpath=(str(REPO),))
         started.append(broker)
         broker.start()

@@ -83,7 +83,7 @@ def test_graceful_stop_ends_leases_and_stops_executors(make_broker) -> None:
 @pytest.mark.slow
 def test_random_concurrent_acquire_release_and_kills_never_double_grant(make_broker) -> None:
     broker = make_broker(
-        "--Broker.per_user_limit=2",
+        "--LeasePolicy.per_user_limit=2",
         "--Broker.heartbeat_interval=5",
         "--Broker.heartbeat_misses=1000",
         layout="H100-80GB:3g.40gb,2g.20gb,1g.10gb,1g.10gb",

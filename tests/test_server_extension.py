@@ -49,7 +49,7 @@ def node(
     kernelspecs: eager
     (leases at start) and lazy (leases at its first GPU cell). Kernels still running at the
     end are shut down while the broker still runs."""
-    broker = make_broker("--Broker.per_user_limit=3", layout=LAYOUT)
+    broker = make_broker("--LeasePolicy.per_user_limit=3", layout=LAYOUT)
     monkeypatch.setenv("MIG_KERNEL_BROKER", str(broker.connection_file))
     for name, spec in (
         ("mig-python3", kernel_json("1g.10gb", "Python 3 (MIG slice)")),

@@ -1,69 +1,163 @@
 """Who is asking: the identity behind a client session.
 
 A client opens a session with ``hello``; the identity provider decides which key that hello must
-be signed with and who the caller is. Every later request is signed with the per-client key the
-broker issued in reply, so the provider is consulted once per session. Single-user installs use
-``LocalUserIdentity`` (whoever can read the 0600 connection file is the broker's OS user); a
-JupyterHub provider verifies the hub API token carried in the hello instead, with no change to
-the rest of the broker.
+be signed with and who the caller is, from the peer credentials the kernel reports for the
+connection (``wire/peercred.py``) and, for providers that need one, a proof carried in the hello
+(a JupyterHub token). A claim in the hello never overrides the kernel's word. Every later
+request is signed with the per-client key the broker issued in reply and must come from the
+same uid, so the provider is consulted once per session. What an identity may do (admin, quota,
+profiles) is the lease policy's decision (``policy.py``), not the provider's.
+
+- ``LocalUserIdentity`` (single-user, the default): whoever can read the 0600 connection file
+  and connects as the broker's own uid (or root) is the broker's OS user.
+- ``PeerCredentialIdentity`` (``--multi-user``): the connection file is public; the user is the
+  OS user of the connecting uid.
 """
 
 from __future__ import annotations
 
-import getpass
+import grp
 import hashlib
 import hmac
-from dataclasses import dataclass
+import os
+import pwd
+from dataclasses import dataclass, field
 from typing import Any
 
-from traitlets import Set, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..wire.errors import AuthenticationError
+from ..wire.peercred import PeerCredentials
 
 
 @dataclass(frozen=True)
 class Identity:
     user: str
-    admin: bool
+    admin: bool = False  # decided by the lease policy once the provider has named the user
+    uid: int | None = None  # the OS uid the session's connections must come from
+    groups: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Account:
+    """An OS account as an executor needs it to become that user."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "uid": self.uid,
+            "gid": self.gid,
+            "groups": list(self.groups),
+            "home": self.home,
+        }
+
+
+def account_of(uid: int) -> Account:
+    """The OS account of ``uid`` (KeyError if the node does not know it)."""
+    entry = pwd.getpwuid(uid)
+    gids = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))))
+    return Account(entry.pw_name, uid, entry.pw_gid, gids, entry.pw_dir)
+
+
+def group_names(user: str) -> tuple[str, ...]:
+    """The names of the groups of OS user ``user`` (primary and supplementary; none if the
+    node does not know the user)."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return ()
+    names = []
+    for gid in os.getgrouplist(user, entry.pw_gid):
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            names.append(str(gid))
+    return tuple(sorted(set(names)))
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 class IdentityProvider(LoggingConfigurable):
-    """Base: subclasses name the hello key and turn a hello body into an Identity."""
-
-    admin_users = Set(
-        Unicode(),
-        help="Users allowed to drain slices and apply layouts (default: the broker's OS user).",
-    ).tag(config=True)
+    """Base: subclasses name the hello key and turn a hello into an Identity."""
 
     def hello_key(self, connection_key: bytes) -> bytes:
         """The key a hello must be signed with."""
         raise NotImplementedError("IdentityProvider subclasses choose the hello key")
 
-    def identify(self, hello: dict[str, Any]) -> Identity:
-        """The identity of a caller whose hello verified; raise AuthenticationError to refuse."""
+    def identify(self, hello: dict[str, Any], peer: PeerCredentials | None) -> Identity:
+        """The identity of a caller whose hello verified, connected with ``peer`` credentials
+        (None where the transport has none); raise AuthenticationError to refuse."""
         raise NotImplementedError("IdentityProvider subclasses identify callers")
+
+    @property
+    def user(self) -> str:
+        """The user the broker's files and connection file speak for ("" if several)."""
+        return ""
 
 
 class LocalUserIdentity(IdentityProvider):
-    """Single-user: the caller read the 0600 connection file, so it is the broker's OS user."""
+    """Single-user: the caller read the 0600 connection file and connects as the broker's own
+    uid (root may too: it can read every file anyway), so it is the broker's OS user."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.user = getpass.getuser()
-        if not self.admin_users:
-            self.admin_users = {self.user}
+        self.uid = os.geteuid()
+        self._user = _user_name(self.uid)
+
+    @property
+    def user(self) -> str:
+        return self._user
 
     def hello_key(self, connection_key: bytes) -> bytes:
         return connection_key
 
-    def identify(self, hello: dict[str, Any]) -> Identity:
-        claimed = hello.get("user")
-        if claimed not in (None, self.user):
+    def identify(self, hello: dict[str, Any], peer: PeerCredentials | None) -> Identity:
+        if peer is not None and peer.uid not in (self.uid, 0):
             raise AuthenticationError(
-                f"this broker serves user {self.user!r} only; {claimed!r} cannot sign in here"
+                f"this broker serves user {self._user!r} only, and you are "
+                f"{_user_name(peer.uid)!r}: use your own broker (`mig-kernel broker`) or the "
+                f"node's multi-user one"
             )
-        return Identity(self.user, self.user in self.admin_users)
+        claimed = hello.get("user")
+        if claimed not in (None, self._user):
+            raise AuthenticationError(
+                f"this broker serves user {self._user!r} only; {claimed!r} cannot sign in here"
+            )
+        return Identity(self._user, uid=peer.uid if peer else None)
+
+
+class PeerCredentialIdentity(IdentityProvider):
+    """Multi-user: the user is the OS user of the uid that connected (SO_PEERCRED). The
+    connection file holds no secret, so the hello is signed with an empty key: the proof is
+    the kernel's word on the socket, which no message can change."""
+
+    def hello_key(self, connection_key: bytes) -> bytes:
+        return b""
+
+    def identify(self, hello: dict[str, Any], peer: PeerCredentials | None) -> Identity:
+        if peer is None:
+            raise AuthenticationError(
+                "this broker identifies users by their socket's credentials, and this "
+                "connection has none (only local ipc connections can sign in)"
+            )
+        try:
+            entry = pwd.getpwuid(peer.uid)
+        except KeyError:
+            raise AuthenticationError(
+                f"uid {peer.uid} has no user name on this node, so no slice can be leased for it"
+            ) from None
+        return Identity(entry.pw_name, uid=peer.uid, groups=group_names(entry.pw_name))
 
 
 def pseudonym(secret: bytes, user: str) -> str:

@@ -24,6 +24,7 @@ from ..slices.model import SliceInfo
 from ..wire.errors import AuthenticationError, MigKernelError
 from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
 from ..wire.messages import Message, decode, encode, refusal_reason
+from ..wire.paths import unlink_quietly
 from ..wire.signing import new_key
 from ..wire.transport import IPC, TCP, reserve_tcp_port
 from .state import Executor, new_id
@@ -42,6 +43,8 @@ class ExecutorPool:
         start_timeout: float = 120.0,
         replay_window: float = 30.0,
         transport: str = IPC,
+        multi_user: bool = False,
+        env_keep: tuple[str, ...] = (),
     ) -> None:
         self.context = context
         self.runtime_dir = runtime_dir
@@ -50,6 +53,8 @@ class ExecutorPool:
         self.start_timeout = start_timeout
         self.replay_window = replay_window
         self.transport = transport  # of the executors started from now on (adopted keep theirs)
+        self.multi_user = multi_user  # executors become their holder before serving them
+        self.env_keep = env_keep  # names (or NAME* prefixes) of broker variables executors get
         self.by_socket: dict[zmq.Socket, Executor] = {}
         self.pending: dict[bytes, tuple[str, Executor]] = {}  # msg id -> (request type, executor)
 
@@ -89,8 +94,9 @@ class ExecutorPool:
             replay_window=self.replay_window,
             issued_at=time.time(),
             listen_fd=listen_fd,
+            multi_user=self.multi_user,
         )
-        env = dict(os.environ)
+        env = self._environment()
         env.update(info.env)
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_dir / f"{info.id}.log", "ab") as logfile:
@@ -109,6 +115,20 @@ class ExecutorPool:
         ex.popen.stdin.close()
         ex.pid = ex.popen.pid
         ex.start_ticks = proc_start_ticks(ex.pid)
+
+    def _environment(self) -> dict[str, str]:
+        """The executor's environment. A single-user broker's executors run as its user and
+        get its environment; a multi-user broker's run tenant code, so they get only the
+        variables named in ``env_keep`` (never, say, a hub API token the service holds)."""
+        if not self.multi_user:
+            return dict(os.environ)
+        keep = {}
+        for name, value in os.environ.items():
+            for pattern in self.env_keep:
+                if name == pattern or (pattern.endswith("*") and name.startswith(pattern[:-1])):
+                    keep[name] = value
+                    break
+        return keep
 
     def adopt(self, record: dict[str, Any], adopt_timeout: float = 10.0) -> Executor | None:
         """Reconnect to an executor a previous broker process started; None if it is gone."""
@@ -156,7 +176,7 @@ class ExecutorPool:
         self._send(ex, "rekey", {"key": ex.pending_key.hex()})
 
     def request(self, ex: Executor, msg_type: str, body: dict[str, Any]) -> None:
-        """Any other control request (spill, restore); its reply arrives as an event."""
+        """Any other control request (become, spill, restore); its reply arrives as an event."""
         self._send(ex, msg_type, body)
 
     def request_stats(self, ex: Executor) -> None:
@@ -219,9 +239,13 @@ class ExecutorPool:
             ex.socket.close(linger=0)
             ex.socket = None
         self.pending = {mid: p for mid, p in self.pending.items() if p[1] is not ex}
-        if ex.popen is not None:
+        if ex.popen is not None:  # reap it (a just-killed one dies within milliseconds)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                ex.popen.wait(timeout=0)
+                ex.popen.wait(timeout=0.5 if ex.phase != "ready" else 0)
+        if ex.endpoint.startswith("ipc://") and not self.alive(ex):
+            # Its socket file: an executor that became its holder cannot remove it from the
+            # broker's directory itself.
+            unlink_quietly(ex.endpoint[len("ipc://") :])
 
     def log_tail(self, slice_id: str, lines: int = 5) -> str:
         path = self.log_dir / f"{slice_id}.log"

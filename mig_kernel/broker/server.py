@@ -12,37 +12,56 @@ import contextlib
 import fcntl
 import logging
 import os
+import pwd
 import shutil
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import zmq
 from prometheus_client import start_http_server
-from traitlets import Enum, Float, Int, Type, Unicode
+from traitlets import Bool, Enum, Float, Int, List, Type, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__
 from ..slices.model import ApplyRefused, Inventory, SliceInfo
 from ..wire import errors as E
 from ..wire.connection import (
+    AUTH_KEY,
+    AUTH_PEERCRED,
     CONNECTION_FILE,
+    SYSTEM_RUNTIME_DIR,
+    SYSTEM_STATE_DIR,
     ConnectionInfo,
     bind_private,
     default_state_dir,
     ipc_endpoint,
-    private_dir,
+    new_runtime_dir,
     runtime_dir_for,
+    usable_runtime_dir,
     write_connection_file,
 )
 from ..wire.messages import Message, decode, encode, error_body, handler_name, refusal
+from ..wire.paths import UnsafePath, private_dir, secure_dir
+from ..wire.peercred import PeerCredentials, peer_credentials
 from ..wire.signing import ReplayGuard, new_key
 from ..wire.transport import IPC, TRANSPORTS, transport_of
-from .identity import Identity, IdentityProvider, LocalUserIdentity, pseudonym
+from . import policy as P
+from .gpu_lock import GpuBusy, GpuLocks, default_lock_dir
+from .identity import (
+    Identity,
+    IdentityProvider,
+    LocalUserIdentity,
+    PeerCredentialIdentity,
+    account_of,
+    group_names,
+    pseudonym,
+)
 from .metrics import BrokerMetrics
+from .policy import LeasePolicy
 from .pool import ExecutorPool
 from .state import (
     FREE,
@@ -74,6 +93,20 @@ class Incoming:
     client: Client | None
     key: bytes
     received: float
+    peer: PeerCredentials | None = None  # who connected, as the kernel says (ipc only)
+
+
+@dataclass
+class PendingGrant:
+    """A grant whose reply waits for its executor: to become the holder (multi-user), then to
+    load the spill of the lease it restores."""
+
+    route: bytes
+    reply_to: bytes
+    key: bytes
+    lease_id: str
+    restore_path: str | None
+    user: str
 
 
 DEFERRED = None  # a handler that answers later (queued acquire) returns this
@@ -93,7 +126,50 @@ class Broker(LoggingConfigurable):
         3,
         help="Missed heartbeats after which the holder counts as gone and its lease is reclaimed.",
     ).tag(config=True)
-    per_user_limit = Int(1, help="Slices one user may hold at once.").tag(config=True)
+    multi_user = Bool(
+        False,
+        help="Serve every local user (`mig-kernel broker --multi-user`): run as root (or a "
+        "service user with CAP_SETUID, CAP_SETGID and CAP_CHOWN); users are identified by "
+        "their socket's credentials (SO_PEERCRED), the connection file <runtime_dir>/broker.json "
+        "is public and holds no secret, and each executor becomes its lease holder's uid before "
+        "it serves them. Default: a single-user broker for the OS user running it.",
+    ).tag(config=True)
+    runtime_dir = Unicode(
+        "",
+        help="Directory of the broker's sockets (multi-user: also its public broker.json). "
+        "Default: /run/mig-kernel with --multi-user; else a private directory derived from the "
+        "state dir ($XDG_RUNTIME_DIR/mig-kernel-<hash>, or <state_dir>/run).",
+    ).tag(config=True)
+    spill_dir = Unicode(
+        "",
+        help="Where idle leases' device data is saved for a restore. Default: <state_dir>/spill "
+        "(single-user); with --multi-user, <state_dir>-spill, a 0711 directory with one 0700 "
+        "directory per user owned by that user (the executors write there as the user).",
+    ).tag(config=True)
+    lock_dir = Unicode(
+        help="Directory of the node-wide per-GPU locks that keep a second broker off a GPU "
+        "this one serves. Default: $MIG_KERNEL_LOCK_DIR, else /run/lock."
+    ).tag(config=True)
+    executor_env = List(
+        Unicode(),
+        [
+            "PATH",
+            "LANG",
+            "LANGUAGE",
+            "LC_*",
+            "TZ",
+            "PYTHONPATH",
+            "LD_LIBRARY_PATH",
+            "CUDA_*",
+            "CUPY_*",
+            "NCCL_*",
+            "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS",
+            "OPENBLAS_NUM_THREADS",
+        ],
+        help="With --multi-user, the broker's environment variables its executors get (names; "
+        "NAME* for a prefix); nothing else of the service's environment reaches tenant code.",
+    ).tag(config=True)
     replay_window = Float(
         30.0, help="Seconds a message timestamp may be off; message ids are remembered this long."
     ).tag(config=True)
@@ -133,8 +209,18 @@ class Broker(LoggingConfigurable):
         "costs; any local user can connect, every message is still signed and replay-guarded).",
     ).tag(config=True)
     identity_provider_class = Type(
-        LocalUserIdentity, klass=IdentityProvider, help="Who callers are (see identity.py)."
+        klass=IdentityProvider,
+        help="Who callers are (see identity.py). Default: LocalUserIdentity, or "
+        "PeerCredentialIdentity with --multi-user.",
     ).tag(config=True)
+
+    @default("identity_provider_class")
+    def _default_identity_provider(self) -> type[IdentityProvider]:
+        return PeerCredentialIdentity if self.multi_user else LocalUserIdentity
+
+    @default("lock_dir")
+    def _default_lock_dir(self) -> str:
+        return os.environ.get("MIG_KERNEL_LOCK_DIR") or str(default_lock_dir())
 
     def __init__(self, inventory: Inventory, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -145,7 +231,7 @@ class Broker(LoggingConfigurable):
         self.leases: dict[str, Lease] = {}  # active ones; ended leases live in SQLite only
         self.clients: dict[str, Client] = {}
         self.queue: list[Ticket] = []
-        self.pending_restores: dict[str, tuple[bytes, bytes, bytes, str, str]] = {}
+        self.pending_grants: dict[str, PendingGrant] = {}  # lease id -> its grant, unanswered
         self.pending_suspends: dict[str, tuple[bytes, bytes, bytes]] = {}  # lease -> reply to
         self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
         self.dirty = True
@@ -154,39 +240,53 @@ class Broker(LoggingConfigurable):
         self._timers: dict[str, float] = {}
         self._lockfile: Any = None
         self._metrics_server: Any = None
+        self.gpu_locks: GpuLocks | None = None
+        self.connection_path: Path | None = None
 
     # ================================================================== lifecycle
     def start(self) -> None:
-        self.state_path = Path(self.state_dir or default_state_dir()).expanduser().resolve()
+        os.umask(0o077)  # SQLite, its WAL, logs, spill: the broker's files are its own
+        default_dir = SYSTEM_STATE_DIR if self.multi_user else default_state_dir()
+        self.state_path = Path(self.state_dir or default_dir).expanduser().resolve()
+        if self.multi_user:
+            self._check_privileges()
         self._prepare_state_dir()
         self.store = Store(self.state_path / "broker.sqlite")
+        self._lock_gpus()
         self.connection_key = self._secret("connection_key")
         self.watch_key = self._secret("watch_key")
         self.pseudonym_secret = self._secret("pseudonym_secret")
         self.identity = self.identity_provider_class(parent=self)
         self.hello_key = self.identity.hello_key(self.connection_key)
+        self.policy = LeasePolicy(parent=self)
+        if not self.multi_user and not self.policy.admin_users and self.identity.user:
+            self.policy.admin_users = {self.identity.user}
         self.guard = ReplayGuard(self.replay_window)
-        self.runtime_dir = runtime_dir_for(self.state_path)
+        self.runtime_path = self._prepare_runtime_dir()
+        self.spill_root = self._prepare_spill_dir()
+        socket_mode = 0o666 if self.multi_user else 0o600  # multi-user: the kernel says who
         self.context = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-        self.endpoint = ipc_endpoint(self.runtime_dir, "broker.sock")
-        bind_private(self.router, self.endpoint)
+        self.endpoint = ipc_endpoint(self.runtime_path, "broker.sock")
+        bind_private(self.router, self.endpoint, socket_mode)
         self.pub = self.context.socket(zmq.PUB)
         self.pub.linger = 0
-        self.watch_endpoint = ipc_endpoint(self.runtime_dir, "watch.sock")
-        bind_private(self.pub, self.watch_endpoint)
+        self.watch_endpoint = ipc_endpoint(self.runtime_path, "watch.sock")
+        bind_private(self.pub, self.watch_endpoint, socket_mode)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         log_dir = private_dir(self.state_path / "logs")
         self.pool = ExecutorPool(
             self.context,
-            self.runtime_dir,
+            self.runtime_path,
             log_dir,
             start_timeout=self.executor_start_timeout,
             replay_window=self.replay_window,
             transport=self.executor_transport,
+            multi_user=self.multi_user,
+            env_keep=tuple(self.executor_env),
         )
         self._restore()
         self.store.commit()
@@ -194,24 +294,48 @@ class Broker(LoggingConfigurable):
             self._metrics_server = start_http_server(
                 self.metrics_port, addr="127.0.0.1", registry=self.metrics.registry
             )
+        if self.multi_user:  # public: what to connect to, and no secret
+            self.connection_path = self.runtime_path / CONNECTION_FILE
+            key, auth, mode = "", AUTH_PEERCRED, 0o644
+        else:
+            self.connection_path = self.state_path / CONNECTION_FILE
+            key, auth, mode = self.connection_key.hex(), AUTH_KEY, 0o600
         write_connection_file(
-            self.state_path / CONNECTION_FILE,
+            self.connection_path,
             ConnectionInfo(
                 endpoint=self.endpoint,
                 watch_endpoint=self.watch_endpoint,
-                key=self.connection_key.hex(),
+                key=key,
                 pid=os.getpid(),
                 state_dir=str(self.state_path),
-                user=getattr(self.identity, "user", ""),
+                user=self.identity.user,
                 version=__version__,
+                auth=auth,
             ),
+            mode,
         )
         self.log.info(
-            "broker serving %d slice(s) (%s backend) at %s",
+            "broker serving %d slice(s) (%s backend, %s) at %s",
             len(self.slices),
             self.inventory.backend,
+            "multi-user" if self.multi_user else f"user {self.identity.user}",
             self.endpoint,
         )
+
+    def _check_privileges(self) -> None:
+        """A multi-user broker must be able to switch executors to their holders."""
+        if os.geteuid() == 0:
+            return
+        from ..executor.privileges import capabilities
+
+        needed = {"CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_CHOWN": 0}
+        effective = capabilities().get("CapEff", 0)
+        missing = [name for name, bit in needed.items() if not effective >> bit & 1]
+        if missing:
+            raise BrokerStartError(
+                f"--multi-user needs root or the capabilities CAP_SETUID, CAP_SETGID and "
+                f"CAP_CHOWN (missing: {', '.join(missing)}); see docs/deploy-multi-user.md"
+            )
 
     def _prepare_state_dir(self) -> None:
         try:
@@ -219,10 +343,15 @@ class Broker(LoggingConfigurable):
             probe = self.state_path / ".write-test"
             probe.write_bytes(b"")
             probe.unlink()
+        except UnsafePath as exc:
+            raise BrokerStartError(str(exc)) from None
         except OSError as exc:
             raise BrokerStartError(
                 f"state dir {self.state_path} is not usable: {exc.strerror or exc}"
             ) from None
+        for name in ("broker.sqlite", "broker.sqlite-wal", "broker.sqlite-shm", "broker.lock"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.state_path / name, 0o600)  # files of an older version: umask
         self._lockfile = open(self.state_path / "broker.lock", "a")  # noqa: SIM115 (held for life)
         try:
             fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -230,6 +359,61 @@ class Broker(LoggingConfigurable):
             raise BrokerStartError(
                 f"another broker is already running on state dir {self.state_path}"
             ) from None
+
+    def _lock_gpus(self) -> None:
+        """One broker per GPU, node-wide (gpu_lock.py)."""
+        self.gpu_locks = GpuLocks(Path(self.lock_dir))
+        holder = {"pid": os.getpid(), "state_dir": str(self.state_path)}
+        holder["user"] = "multi-user" if self.multi_user else os.environ.get("USER", "")
+        try:
+            self.gpu_locks.acquire(self.inventory.gpus(), holder)
+        except GpuBusy as exc:
+            raise BrokerStartError(str(exc)) from None
+
+    def _prepare_runtime_dir(self) -> Path:
+        """The sockets' directory. Multi-user: public (0755; the sockets say who connects).
+        Single-user: private (0700), derived from the state dir where a short path fits, else
+        an unpredictable one remembered in the state (a restart finds its executors there)."""
+        try:
+            if self.runtime_dir or self.multi_user:
+                path = Path(self.runtime_dir or SYSTEM_RUNTIME_DIR)
+                return secure_dir(path, 0o755 if self.multi_user else 0o700)
+            derived = runtime_dir_for(self.state_path)
+            if derived is not None:
+                return derived
+        except UnsafePath as exc:
+            raise BrokerStartError(str(exc)) from None
+        except OSError as exc:
+            raise BrokerStartError(f"runtime dir is not usable: {exc}") from None
+        remembered = self.store.meta("runtime_dir")
+        if remembered and usable_runtime_dir(remembered):
+            return Path(remembered)
+        path = new_runtime_dir()
+        self.store.set_meta("runtime_dir", str(path))
+        return path
+
+    def _prepare_spill_dir(self) -> Path:
+        default = (
+            self.state_path.with_name(self.state_path.name + "-spill")
+            if self.multi_user
+            else self.state_path / "spill"
+        )
+        path = Path(self.spill_dir or default)
+        try:  # multi-user: others may pass (to their own 0700 dirs inside) but not list
+            return secure_dir(path, 0o711 if self.multi_user else 0o700)
+        except (UnsafePath, OSError) as exc:
+            raise BrokerStartError(f"spill dir {path} is not usable: {exc}") from None
+
+    def _spill_path(self, lease: Lease) -> Path:
+        """Where a lease's device data goes: multi-user, inside a 0700 directory of its owner
+        (the executor writes there as that user)."""
+        if not self.multi_user:
+            return self.spill_root / lease.id
+        account = account_of(self._owner_uid(lease))
+        user_dir = secure_dir(
+            self.spill_root / account.user, 0o700, uid=account.uid, gid=account.gid
+        )
+        return user_dir / lease.id
 
     def _secret(self, name: str) -> bytes:
         value = self.store.meta(name)
@@ -248,6 +432,10 @@ class Broker(LoggingConfigurable):
         for record in self.slices.values():
             record.broken = None  # a restart is a retry
         self.clients = self.store.load_clients()
+        for client in self.clients.values():  # today's groups and admins, not the sign-in's
+            if self.multi_user:
+                client.groups = group_names(client.user)
+            client.admin = self.policy.is_admin(replace(client.identity, admin=False))
         self.leases = self.store.load_active_leases(now)
         self._reconcile(self.inventory.slices())
         for lease in list(self.leases.values()):
@@ -339,14 +527,17 @@ class Broker(LoggingConfigurable):
             self._forget_executor(ex)
         self.store.commit()
         self.store.close()
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_path / CONNECTION_FILE).unlink()
+        if self.connection_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.connection_path.unlink()
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
         self.router.close(linger=0)
         self.pub.close(linger=0)
         self.context.term()
         del self.store
+        if self.gpu_locks is not None:
+            self.gpu_locks.release()
         if self._lockfile is not None:
             self._lockfile.close()
 
@@ -356,10 +547,11 @@ class Broker(LoggingConfigurable):
         if events.pop(self.router, None):
             for _ in range(MAX_BATCH):
                 try:
-                    frames = self.router.recv_multipart(zmq.NOBLOCK)
+                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                self._on_request(frames[0], frames[1:])
+                peer = peer_credentials(frames[-1])
+                self._on_request(frames[0].bytes, [f.bytes for f in frames[1:]], peer)
         for sock in events:
             event = self.pool.receive(sock)
             if event is not None:
@@ -405,7 +597,9 @@ class Broker(LoggingConfigurable):
         client = self.clients.get(client_id)
         return client.key if client else self.hello_key
 
-    def _on_request(self, route: bytes, frames: list[bytes]) -> None:
+    def _on_request(
+        self, route: bytes, frames: list[bytes], peer: PeerCredentials | None = None
+    ) -> None:
         received = time.perf_counter()
         try:
             msg = decode(frames, self._key_for, None)
@@ -426,10 +620,20 @@ class Broker(LoggingConfigurable):
                 raise E.ReplayedMessage(f"replayed or stale message refused: {reason}")
             if msg.type != "hello" and client is None:
                 raise E.AuthenticationError("unknown client session: send hello first")
+            if (
+                client is not None
+                and client.uid is not None
+                and (peer is None or peer.uid != client.uid)
+            ):
+                # The session's key leaked to another uid: the kernel's word wins over the key.
+                self.metrics.rejected.labels(reason="foreign_uid").inc()
+                raise E.AuthenticationError(
+                    "this client session belongs to another user: open your own with hello"
+                )
             method = getattr(self, handler_name("request", msg.type), None)
             if method is None:
                 raise E.UnknownRequest(f"unknown request type {msg.type!r}")
-            body = method(Incoming(route, msg, client, key, received))
+            body = method(Incoming(route, msg, client, key, received, peer))
         except E.MigKernelError as exc:
             self._reply_error(route, msg.id, key, exc)
             return
@@ -473,8 +677,18 @@ class Broker(LoggingConfigurable):
 
     # -- session --------------------------------------------------------------------------
     def request_hello(self, req: Incoming) -> dict[str, Any]:
-        identity: Identity = self.identity.identify(req.msg.body)
-        client = Client(new_id("C"), identity.user, new_key(), identity.admin, time.time())
+        identity: Identity = self.identity.identify(req.msg.body, req.peer)
+        identity = replace(identity, admin=self.policy.is_admin(identity))
+        self.policy.check_allowed(identity)
+        client = Client(
+            new_id("C"),
+            identity.user,
+            new_key(),
+            identity.admin,
+            time.time(),
+            identity.uid,
+            identity.groups,
+        )
         self.clients[client.id] = client
         self.store.insert_client(client)
         return {
@@ -512,6 +726,10 @@ class Broker(LoggingConfigurable):
         request = Request(profile, memory, float(idle_timeout) if idle_timeout else None, tag)
 
         granted = self._lease_for_ticket(client, ticket_id)
+        pending = self.pending_grants.get(granted.id) if granted is not None else None
+        if pending is not None:  # its executor is still preparing: answer this one when done
+            pending.route, pending.reply_to = req.route, req.msg.id
+            return DEFERRED
         if granted is not None:  # a re-sent acquire whose grant the client has not seen
             return {"status": "granted", "lease": self._lease_json(granted)}
         queued = next((t for t in self.queue if t.id == ticket_id), None)
@@ -521,20 +739,18 @@ class Broker(LoggingConfigurable):
             queued.route, queued.reply_to, queued.last_seen = req.route, req.msg.id, time.time()
             return self._queued_json(queued)
 
-        self._check_satisfiable(request)
+        who = client.identity
+        self.policy.check_request(who, request, [r.info for r in self.slices.values()])
         held = [lease for lease in self.leases.values() if lease.owner == client.user]
-        if len(held) >= self.per_user_limit:
-            raise E.QuotaExceeded(
-                f"user {client.user!r} already holds {len(held)} of {self.per_user_limit} "
-                f"allowed slice(s) ({', '.join(lease.id for lease in held)}); release one first"
-            )
-        record = self._best_free(request)
+        self.policy.check_quota(who, held)
+        usable = [r for r in self._free_slices() if self.policy.may_use(who, r.info)]
+        record = P.best_fit(request, usable)
         if record is not None:
             lease = self._grant(record, client, request, ticket_id)
             self.metrics.grant_latency.observe(time.perf_counter() - req.received)
             return self._answer_grant(lease, req.route, req.msg.id, client, restore)
         if not wait:
-            raise E.NoCapacity(f"no free slice fits {self._describe(request)}; all are busy")
+            raise E.NoCapacity(f"no free slice fits {P.describe(request)}; all are busy")
         now = time.time()
         ticket = Ticket(
             id=ticket_id,
@@ -558,30 +774,6 @@ class Broker(LoggingConfigurable):
                 return lease
         return None
 
-    def _check_satisfiable(self, request: Request) -> None:
-        infos = [r.info for r in self.slices.values()]
-        profiles = sorted({i.profile for i in infos})
-        if request.profile is not None and request.profile not in profiles:
-            offered = ", ".join(profiles) or "nothing"
-            raise E.UnknownProfileError(
-                f"unknown profile {request.profile!r}: this node offers {offered}"
-            )
-        if not any(request.fits(i) for i in infos):
-            largest = max((i.memory_total for i in infos), default=0)
-            raise E.NoSuchSlice(
-                f"no slice on this node has {self._describe(request)} "
-                f"(largest: {largest / 2**30:.1f} GiB)"
-            )
-
-    @staticmethod
-    def _describe(request: Request) -> str:
-        parts = []
-        if request.profile:
-            parts.append(f"profile {request.profile}")
-        if request.memory:
-            parts.append(f"{request.memory / 2**30:.2f} GiB of memory")
-        return " and ".join(parts) or "any request"
-
     def _free_slices(self) -> list[SliceRecord]:
         return [
             record
@@ -590,18 +782,6 @@ class Broker(LoggingConfigurable):
             and record.executor_id is not None
             and slice_state(record, self.executors.get(record.executor_id)) == FREE
         ]
-
-    @staticmethod
-    def _best_fit(request: Request, candidates: list[SliceRecord]) -> SliceRecord | None:
-        """The smallest candidate (memory, then SMs) that satisfies the request."""
-        return min(
-            (r for r in candidates if request.fits(r.info)),
-            key=lambda r: (r.info.memory_total, r.info.sms or 0, r.info.id),
-            default=None,
-        )
-
-    def _best_free(self, request: Request) -> SliceRecord | None:
-        return self._best_fit(request, self._free_slices())
 
     def _grant(self, record: SliceRecord, client: Client, request: Request, ticket: str) -> Lease:
         ex = self.executors[record.executor_id or ""]
@@ -630,30 +810,83 @@ class Broker(LoggingConfigurable):
     def _answer_grant(
         self, lease: Lease, route: bytes, reply_to: bytes, client: Client, restore: str | None
     ) -> dict[str, Any] | None:
-        """The grant reply; with ``restore``, first the new executor loads the device data the
-        named (idle-reclaimed) lease spilled, and the reply waits for that (lukewarm start)."""
+        """The grant reply. It waits for the executor where the executor has work to do first:
+        on a multi-user broker, to become the holder (no request of theirs may reach it before);
+        with ``restore``, to load the device data the named (idle-reclaimed) lease spilled
+        (lukewarm start)."""
         body: dict[str, Any] = {"status": "granted", "lease": self._lease_json(lease)}
         path = self.store.take_spill(restore, client.user) if restore else None
         ex = self.executors.get(self.slices[lease.slice_id].executor_id or "")
-        if path is None or ex is None:
+        if ex is None or (path is None and not self.multi_user):
             if restore:
                 body["restored"] = {"restored": 0, "error": f"nothing spilled for {restore}"}
             return body
-        self.pending_restores[ex.id] = (route, reply_to, client.key, lease.id, path)
-        self.pool.request(ex, "restore", {"path": path})
+        pending = PendingGrant(route, reply_to, client.key, lease.id, path, lease.owner)
+        self.pending_grants[lease.id] = pending
+        if self.multi_user:
+            self._send_become(ex, lease)
+        else:
+            self.pool.request(ex, "restore", {"path": path})
         return DEFERRED
 
-    def _finish_restore(self, ex: Executor, result: dict[str, Any]) -> None:
-        pending = self.pending_restores.pop(ex.id, None)
+    def _owner_uid(self, lease: Lease) -> int:
+        client = self.clients.get(lease.client_id)
+        if client is not None and client.uid is not None:
+            return client.uid
+        return pwd.getpwnam(lease.owner).pw_uid
+
+    def _send_become(self, ex: Executor, lease: Lease) -> None:
+        """Ask a multi-user broker's executor to become the lease's holder (privileges.py)."""
+        try:
+            account = account_of(self._owner_uid(lease))
+        except KeyError:
+            self.log.error("lease %s: its owner %r has no OS account", lease.id, lease.owner)
+            self._fail_grant(ex, f"user {lease.owner!r} has no account on this node")
+            self._end_lease(lease, "slice_broken")
+            return
+        self.pool.request(ex, "become", account.to_json())
+
+    def _finish_become(self, ex: Executor, reply: Message | E.MigKernelError) -> None:
+        if isinstance(reply, E.MigKernelError):
+            self.log.error("executor %s could not become its holder: %s", ex.id, reply)
+            self.pool.kill(ex)  # never serve anyone from a process that is not its holder
+            self._fail_grant(ex, f"the slice could not be prepared for you: {reply}")
+            return
+        pending = self.pending_grants.get(ex.key_lease or "")
+        if pending is None:
+            return  # a replaced executor of a held lease: ready for its holder now
+        if pending.restore_path is not None:
+            self.pool.request(ex, "restore", {"path": pending.restore_path})
+            return
+        self._answer_pending(ex, None)
+
+    def _fail_grant(self, ex: Executor, why: str) -> None:
+        pending = self.pending_grants.pop(ex.key_lease or "", None)
         if pending is None:
             return
-        route, reply_to, key, lease_id, path = pending
-        shutil.rmtree(path, ignore_errors=True)
-        lease = self.leases.get(lease_id)
+        lease = self.leases.get(pending.lease_id)
+        if lease is not None:
+            self._end_lease(lease, "slice_broken")
+        self._reply_error(
+            pending.route, pending.reply_to, pending.key, E.SliceUnavailable(why + "; try again")
+        )
+
+    def _finish_restore(self, ex: Executor, result: dict[str, Any]) -> None:
+        self._answer_pending(ex, result)
+
+    def _answer_pending(self, ex: Executor, restored: dict[str, Any] | None) -> None:
+        pending = self.pending_grants.pop(ex.key_lease or "", None)
+        if pending is None:
+            return
+        if pending.restore_path is not None:
+            shutil.rmtree(pending.restore_path, ignore_errors=True)
+        lease = self.leases.get(pending.lease_id)
         if lease is None:
             return
-        body = {"status": "granted", "lease": self._lease_json(lease), "restored": result}
-        self._reply(route, reply_to, key, body)
+        body: dict[str, Any] = {"status": "granted", "lease": self._lease_json(lease)}
+        if restored is not None:
+            body["restored"] = restored
+        self._reply(pending.route, pending.reply_to, pending.key, body)
 
     def _start_spill(self, lease: Lease, now: float, reason: str) -> bool:
         """Idle reclaim (or a suspend): the executor first writes the lease's device data to
@@ -664,7 +897,11 @@ class Broker(LoggingConfigurable):
             return False
         lease.spill_deadline = now + self.spill_timeout
         lease.spill_reason = reason
-        path = private_dir(self.state_path / "spill") / lease.id
+        try:
+            path = self._spill_path(lease)
+        except (KeyError, UnsafePath, OSError) as exc:
+            self.log.error("lease %s: no spill directory: %s", lease.id, exc)
+            return False
         self.pool.request(ex, "spill", {"path": str(path)})
         return True
 
@@ -673,7 +910,7 @@ class Broker(LoggingConfigurable):
         if lease is None or lease.spill_deadline is None:
             return
         if result is not None and result.get("spilled"):
-            self.store.set_spill(lease.id, str(self.state_path / "spill" / lease.id))
+            self.store.set_spill(lease.id, str(self._spill_path(lease)))
         self._end_spilled(lease, result)
 
     def _end_spilled(self, lease: Lease, result: dict[str, Any] | None) -> None:
@@ -747,7 +984,7 @@ class Broker(LoggingConfigurable):
                     reason=ended[1],
                 )
             raise E.LeaseNotFound(f"no lease {lease_id!r} on this broker")
-        if lease.owner != req.client.user and not req.client.admin:
+        if not self.policy.may_manage(req.client.identity, lease.owner):
             raise E.NotPermitted(f"lease {lease_id} belongs to another user")
         return lease
 
@@ -790,8 +1027,15 @@ class Broker(LoggingConfigurable):
         }
 
     def request_lease(self, req: Incoming) -> dict[str, Any]:
+        """A lease's details; its key and executor address only to its holder (an admin
+        inspecting another user's lease sees the rest)."""
+        assert req.client is not None
         lease = self._owned_lease(req, self._field(req.msg.body, "lease_id", str))
-        return {"lease": self._lease_json(lease), "idle_seconds": time.time() - lease.last_active}
+        body = self._lease_json(lease)
+        if lease.owner != req.client.user:
+            body["key"] = None
+            body["executor"] = {**body["executor"], "endpoint": None}
+        return {"lease": body, "idle_seconds": time.time() - lease.last_active}
 
     def request_heartbeat(self, req: Incoming) -> dict[str, Any]:
         assert req.client is not None
@@ -1065,6 +1309,9 @@ class Broker(LoggingConfigurable):
             error = {"restored": 0, "error": str(reply)}
             self._finish_restore(ex, error if isinstance(reply, E.MigKernelError) else reply.body)
             return
+        if kind == "become":
+            self._finish_become(ex, reply)
+            return
         if kind == "spill":
             self._finish_spill(ex, None if isinstance(reply, E.MigKernelError) else reply.body)
             return
@@ -1080,6 +1327,14 @@ class Broker(LoggingConfigurable):
             ex.phase = "ready"
             ex.warm_seconds = reply.body.get("warm_seconds")
             record.failures = 0
+            lease = self.leases.get(record.lease_id or "")
+            if (
+                self.multi_user
+                and lease is not None
+                and ex.key_lease == lease.id
+                and reply.body.get("holder") is None
+            ):
+                self._send_become(ex, lease)  # a replacement for a held lease: its holder's
             if ex.key_lease is not None and ex.key_lease not in self.leases:
                 self.pool.rekey(ex)  # its key belongs to a lease that ended meanwhile
             elif record.lease_id is None and self._unwanted(ex, record):
@@ -1186,7 +1441,7 @@ class Broker(LoggingConfigurable):
                     ticket.reply_to,
                     self._client_key(ticket.client_id),
                     E.AcquireTimeout(
-                        f"no slice for {self._describe(ticket.request)} within "
+                        f"no slice for {P.describe(ticket.request)} within "
                         f"{ticket.deadline - ticket.enqueued:g} s"
                     ),
                 )
@@ -1196,25 +1451,29 @@ class Broker(LoggingConfigurable):
                 self.dirty = True
 
     def _drain_queue(self) -> None:
-        """Grant queued requests, oldest first, while free slices fit them."""
+        """Grant queued requests as the policy orders them (policy.queue_grants)."""
         free = self._free_slices() if self.queue else []
         if not free:
             return
         held = Counter(lease.owner for lease in self.leases.values())
-        for ticket in list(self.queue):
-            if not free:
-                break
-            if held[ticket.user] >= self.per_user_limit:
-                continue
-            record = self._best_fit(ticket.request, free)
-            if record is None:
-                continue
+        unknown = Identity("")
+
+        def who(ticket: Ticket) -> Identity:
+            client = self.clients.get(ticket.client_id)
+            return client.identity if client is not None else unknown
+
+        grants = P.queue_grants(
+            self.queue,
+            free,
+            held,
+            lambda ticket: self.policy.limit_for(who(ticket)),
+            lambda ticket, info: self.policy.may_use(who(ticket), info),
+        )
+        for ticket, record in grants:
             self.queue.remove(ticket)
             client = self.clients.get(ticket.client_id)
             if client is None:
                 continue
-            free.remove(record)
-            held[ticket.user] += 1
             lease = self._grant(record, client, ticket.request, ticket.id)
             self.metrics.grant_latency.observe(time.time() - ticket.enqueued)
             body = self._answer_grant(lease, ticket.route, ticket.reply_to, client, ticket.restore)

@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 
 from ..slices.model import SliceInfo
+from .identity import Identity
 
 FREE, WARMING, LEASED, DRAINING, BROKEN = "free", "warming", "leased", "draining", "broken"
 
@@ -50,11 +51,19 @@ class Request:
 
 @dataclass
 class Client:
+    """A client session (one ``hello``): who it is, and the key that signs its requests."""
+
     id: str
     user: str
     key: bytes
     admin: bool
     created: float
+    uid: int | None = None  # every request of the session must come from this uid
+    groups: tuple[str, ...] = ()
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.user, self.admin, self.uid, self.groups)
 
 
 @dataclass

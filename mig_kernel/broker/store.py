@@ -35,8 +35,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_active_lease_per_slice ON leases (slice_id
     WHERE ended IS NULL;
 CREATE TABLE IF NOT EXISTS clients (
     id TEXT PRIMARY KEY, user TEXT NOT NULL, key BLOB NOT NULL, admin INTEGER NOT NULL,
-    created REAL NOT NULL);
+    created REAL NOT NULL, uid INTEGER, groups TEXT NOT NULL DEFAULT '[]');
 """
+# Columns added after a table was first created: (table, column, definition).
+MIGRATIONS = (
+    ("clients", "uid", "INTEGER"),
+    ("clients", "groups", "TEXT NOT NULL DEFAULT '[]'"),
+)
 
 
 class Store:
@@ -46,6 +51,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        for table, column, definition in MIGRATIONS:
+            columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self.db.commit()
 
     def commit(self) -> None:
@@ -191,13 +200,27 @@ class Store:
     # -- clients -------------------------------------------------------------------------
     def insert_client(self, client: Client) -> None:
         self.db.execute(
-            "INSERT INTO clients (id, user, key, admin, created) VALUES (?,?,?,?,?)",
-            (client.id, client.user, client.key, int(client.admin), client.created),
+            "INSERT INTO clients (id, user, key, admin, created, uid, groups) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (
+                client.id,
+                client.user,
+                client.key,
+                int(client.admin),
+                client.created,
+                client.uid,
+                json.dumps(list(client.groups)),
+            ),
         )
 
     def load_clients(self) -> dict[str, Client]:
-        rows = self.db.execute("SELECT id, user, key, admin, created FROM clients").fetchall()
-        return {r[0]: Client(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows}
+        rows = self.db.execute(
+            "SELECT id, user, key, admin, created, uid, groups FROM clients"
+        ).fetchall()
+        return {
+            r[0]: Client(r[0], r[1], r[2], bool(r[3]), r[4], r[5], tuple(json.loads(r[6])))
+            for r in rows
+        }
 
     def prune_clients(self, older_than: float) -> None:
         """Drop client sessions older than ``older_than`` that hold no active lease."""

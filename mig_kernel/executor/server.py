@@ -34,6 +34,7 @@ from ..wire.errors import (
     MalformedMessage,
     MigKernelError,
     ReplayedMessage,
+    SliceUnavailable,
     UnknownRequest,
 )
 from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
@@ -56,6 +57,7 @@ from ..wire.transport import (
     transport_of,
 )
 from .dataplane import STREAMS, DataPlane, Job
+from .privileges import Holder, PrivilegeError, become
 from .runtime import Runtime, warm_start
 
 log = logging.getLogger("mig_kernel.executor")
@@ -86,6 +88,9 @@ class ExecutorServer:
         self.last_active = time.time()
         self.running = True
         self.sealed = False  # spilled for a reclaim: tenant requests are refused
+        # A multi-user broker's executor serves nobody until it has become its holder.
+        self.holder: Holder | None = None
+        self.awaiting_holder = spec.multi_user
         self.streams = self._inproc(context, zmq.PULL, STREAMS)  # bound before it is connected
         self.wake_in = self._inproc(context, zmq.PULL, WAKE)
         self.wake_out = context.socket(zmq.PUSH)  # the main thread's own
@@ -281,6 +286,10 @@ class ExecutorServer:
             if method is None:
                 raise UnknownRequest(f"unknown request type {msg.type!r}")
             if not control:
+                if self.awaiting_holder:
+                    raise SliceUnavailable(
+                        "this slice is still being prepared for its holder; try again"
+                    )
                 if self.sealed:
                     raise LeaseEnded(
                         "the slice was reclaimed (its device data was saved for a restore); "
@@ -335,6 +344,7 @@ class ExecutorServer:
             "runtime": self.runtime.name,
             "warm_seconds": self.runtime.warm_seconds,
             "device": self.runtime.device,
+            "holder": self.holder.user if self.holder is not None else None,
         }
 
     def control_rekey(self, msg: Message, route: bytes) -> dict[str, Any]:
@@ -343,6 +353,27 @@ class ExecutorServer:
             return {"pristine": False}
         self.tenant_key = bytes.fromhex(msg.body["key"])
         return {"pristine": True}
+
+    def control_become(self, msg: Message, route: bytes) -> dict[str, Any]:
+        """Become the lease holder for good (multi-user brokers; see privileges.py). A failure
+        leaves the executor unusable: the broker kills it and grants nothing from it."""
+        if not self.awaiting_holder:
+            raise BadRequest("this executor already serves a holder (or serves one user only)")
+        holder = Holder.from_json(msg.body)
+        socket_path = None
+        if self.spec.endpoint.startswith("ipc://"):
+            socket_path = self.spec.endpoint[len("ipc://") :]
+        try:
+            become(holder, socket_path)
+        except PrivilegeError as exc:
+            self.running = False
+            raise BadRequest(str(exc)) from None
+        self.holder, self.awaiting_holder = holder, False
+        self.touched = True  # it is the holder's process now: never reused for anyone else
+        log.info(
+            "executor %s now runs as %s (uid %d)", self.spec.executor_id, holder.user, holder.uid
+        )
+        return {"uid": os.getuid(), "gid": os.getgid(), "user": holder.user}
 
     def control_stats(self, msg: Message, route: bytes) -> dict[str, Any]:
         busy = self.dataplane.current is not None

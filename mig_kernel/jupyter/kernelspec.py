@@ -75,8 +75,10 @@ def kernel_json(
     *,
     acquire: str = "eager",
     idle_timeout: float | None = None,
+    broker: str | None = None,
 ) -> dict[str, Any]:
-    """The kernel.json of one spec; the provisioner config holds only the keys with values."""
+    """The kernel.json of one spec; the provisioner config holds only the keys with values
+    (``broker``: the connection file kernels of every user use, on a multi-user node)."""
     if acquire not in ACQUIRE_MODES:
         raise ValueError(f"acquire must be one of {ACQUIRE_MODES}, not {acquire!r}")
     config: dict[str, Any] = {}
@@ -89,6 +91,8 @@ def kernel_json(
         config["idle_timeout"] = (
             int(idle_timeout) if idle_timeout == int(idle_timeout) else idle_timeout
         )
+    if broker is not None:
+        config["broker"] = broker
     return {
         "argv": [sys.executable, "-m", KERNEL_MODULE, "-f", "{connection_file}"],
         "display_name": display,
@@ -107,6 +111,7 @@ def kernelspec_plan(
     any_isolations: Iterable[str] | None = None,
     acquire: str = "eager",
     idle_timeout: float | None = None,
+    broker: str | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """(kernel name, kernel.json) of ``mig-python3`` and of each profile, in that order.
 
@@ -117,7 +122,11 @@ def kernelspec_plan(
         (
             ANY_KERNEL_NAME,
             kernel_json(
-                None, any_display_name(isolations), acquire=acquire, idle_timeout=idle_timeout
+                None,
+                any_display_name(isolations),
+                acquire=acquire,
+                idle_timeout=idle_timeout,
+                broker=broker,
             ),
         )
     ]
@@ -132,6 +141,7 @@ def kernelspec_plan(
             display_name(profile, isolation),
             acquire=acquire,
             idle_timeout=idle_timeout,
+            broker=broker,
         )
         plan.append((name, spec))
     return plan
@@ -174,6 +184,7 @@ def install_kernelspecs(
     idle_timeout: float | None = None,
     any_isolations: Iterable[str] | None = None,
     prune: bool = False,
+    broker: str | None = None,
 ) -> list[tuple[str, str]]:
     """Install ``mig-python3`` and one spec per profile; returns (kernel name, path) of each.
 
@@ -191,7 +202,11 @@ def install_kernelspecs(
     if not user and prefix is None:
         prefix = sys.prefix
     plan = kernelspec_plan(
-        profiles, any_isolations=any_isolations, acquire=acquire, idle_timeout=idle_timeout
+        profiles,
+        any_isolations=any_isolations,
+        acquire=acquire,
+        idle_timeout=idle_timeout,
+        broker=broker,
     )
     # Its "not on the kernel path" warning would come once per spec; callers say it once.
     quiet = logging.getLogger(f"{__name__}.manager")

@@ -11,6 +11,9 @@ Control requests (sender ``"broker"``, signed with ``control_key``):
 - ``ready`` -> ``{pid, runtime, warm_seconds, device}``
 - ``rekey {key}`` -> ``{pristine: true}`` and the new tenant key replaces the old one, or
   ``{pristine: false}`` and the executor exits: it served a tenant request, so it is not reused.
+- ``become {user, uid, gid, groups, home}`` -> ``{uid, gid, user}`` (multi-user brokers only,
+  before the grant is answered): the executor switches to the holder's account for good; until
+  then it refuses tenant requests. See executor/privileges.py.
 - ``stats`` -> ``{last_active, served, memory_used}``
 - ``shutdown`` -> ``{}`` and exit.
 Tenant requests (sender = the lease id, signed with ``tenant_key``): ``ping`` -> ``{pid, slice,
@@ -38,6 +41,7 @@ class ExecutorSpec:
     replay_window: float = 30.0
     issued_at: float = 0.0  # messages stamped earlier are refused (none can be meant for us)
     listen_fd: int | None = None  # tcp: the inherited listening socket of ``endpoint``
+    multi_user: bool = False  # serve no tenant request before ``become``
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -9,12 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from mig_kernel.broker.identity import Identity, IdentityProvider
+from mig_kernel.wire.peercred import PeerCredentials
 
 
 class ClaimedUserIdentity(IdentityProvider):
+    """Users named "admin" are admins: tests/conftest.py passes ``LeasePolicy.admin_users``."""
+
     def hello_key(self, connection_key: bytes) -> bytes:
         return connection_key
 
-    def identify(self, hello: dict[str, Any]) -> Identity:
+    def identify(self, hello: dict[str, Any], peer: PeerCredentials | None) -> Identity:
         user = str(hello.get("user") or "nobody")
-        return Identity(user, user in (self.admin_users or {"admin"}))
+        return Identity(user)  # a claim vouches for no uid (so root's claims are not root's)

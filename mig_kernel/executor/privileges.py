@@ -1,0 +1,109 @@
+"""An executor of a multi-user broker becomes its lease holder, for good, before the holder's
+first request.
+
+The broker (root, or a service user with CAP_SETUID/CAP_SETGID/CAP_CHOWN) starts executors and
+lets them warm up (CUDA context, a first kernel) under its own uid; at the grant it sends
+``become`` with the holder's account, and the executor:
+1. hands its socket file to the holder (owner the holder, group the broker's, 0660: the holder
+   connects, the broker keeps its connection);
+2. sets the holder's supplementary groups, then gid, then uid, all three ids of each
+   (``setresgid``/``setresuid``), so there is no saved id to switch back to; glibc applies the
+   change to every thread of the process (the CUDA driver's too);
+3. sets ``no_new_privs`` (no setuid binary can give rights back) and checks that no capability
+   is left in any set;
+4. takes the holder's HOME, USER, LOGNAME, a private umask and the home as working directory.
+Any step that fails is an error, and the broker kills the executor rather than grant it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+PR_SET_NO_NEW_PRIVS = 38
+CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+class PrivilegeError(Exception):
+    """The executor could not become its holder (it must then never serve them)."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    user: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Holder:
+        try:
+            return cls(
+                user=str(body["user"]),
+                uid=_id(body["uid"]),
+                gid=_id(body["gid"]),
+                groups=tuple(_id(g) for g in body["groups"]),
+                home=str(body["home"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrivilegeError(f"become needs user, uid, gid, groups and home: {exc}") from None
+
+
+def _id(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32 - 1:
+        raise ValueError(f"{value!r} is not a uid/gid")
+    return value
+
+
+def capabilities() -> dict[str, int]:
+    """The process's capability sets from /proc/self/status (bit masks)."""
+    found = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in CAP_SETS:
+                found[name] = int(value.strip(), 16)
+    return found
+
+
+def _no_new_privs() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise PrivilegeError(f"prctl(NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def become(holder: Holder, socket_path: str | None) -> None:
+    """Switch this process to ``holder`` irreversibly (see the module docstring)."""
+    broker_gid = os.getegid()
+    try:
+        if socket_path is not None:
+            os.chmod(socket_path, 0o660)  # while it is still ours to chmod
+            os.chown(socket_path, holder.uid, broker_gid)
+        os.setgroups(list(holder.groups))
+        os.setresgid(holder.gid, holder.gid, holder.gid)
+        os.setresuid(holder.uid, holder.uid, holder.uid)
+    except OSError as exc:
+        raise PrivilegeError(
+            f"cannot switch to user {holder.user!r} (uid {holder.uid}): {exc.strerror}; the "
+            f"broker must run as root or hold CAP_SETUID, CAP_SETGID and CAP_CHOWN"
+        ) from None
+    _no_new_privs()
+    if os.getresuid() != (holder.uid,) * 3 or os.getresgid() != (holder.gid,) * 3:
+        raise PrivilegeError(f"the switch to uid {holder.uid} did not take on every id")
+    if holder.uid != 0:
+        left = {name: mask for name, mask in capabilities().items() if name != "CapBnd" and mask}
+        if left:
+            raise PrivilegeError(f"capabilities left after the switch: {left}")
+    os.umask(0o077)
+    os.environ.update(HOME=holder.home, USER=holder.user, LOGNAME=holder.user)
+    try:
+        os.chdir(holder.home)
+    except OSError:
+        os.chdir("/")  # a user without a (reachable) home still computes
+    if not os.access(holder.home, os.W_OK) and "CUPY_CACHE_DIR" not in os.environ:
+        # CuPy compiles kernels into ~/.cupy; a private temp dir serves a user without a home
+        os.environ["CUPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="mig-kernel-cupy-")

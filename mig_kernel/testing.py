@@ -48,7 +48,6 @@ class BrokerProcess:
         return env
 
     def start(self, timeout: float = 60.0) -> BrokerProcess:
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.connection_file.unlink()
         cmd = [

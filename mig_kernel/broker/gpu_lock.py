@@ -64,7 +64,15 @@ class GpuLocks:
             self.release()
             raise
 
+    def _shared_directory(self) -> None:
+        """A lock dir that does not exist yet is made as /run/lock is: every user's broker may
+        create its files there (1777), and only a file's owner may remove it (sticky)."""
+        if not self.directory.exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.directory, 0o1777)
+
     def _lock_one(self, gpu: GpuInfo, holder: dict[str, object]) -> None:
+        self._shared_directory()
         path = lock_path(self.directory, gpu.uuid)
         flags = os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -73,6 +81,9 @@ class GpuLocks:
             fd = os.open(path, os.O_RDONLY | flags)
         except OSError as exc:
             raise GpuBusy(f"cannot open the lock of GPU {gpu.uuid} at {path}: {exc}") from None
+        with contextlib.suppress(OSError):  # readable by all (the broker's umask is 077)
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

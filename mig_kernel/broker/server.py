@@ -45,7 +45,7 @@ from ..wire.connection import (
     write_connection_file,
 )
 from ..wire.messages import Message, decode, encode, error_body, handler_name, refusal
-from ..wire.paths import UnsafePath, private_dir, secure_dir
+from ..wire.paths import UnsafePath, private_dir, secure_dir, unlink_quietly
 from ..wire.peercred import PeerCredentials, peer_credentials
 from ..wire.signing import ReplayGuard, new_key
 from ..wire.transport import IPC, TRANSPORTS, transport_of
@@ -534,6 +534,8 @@ class Broker(LoggingConfigurable):
             self._metrics_server[0].shutdown()
         self.router.close(linger=0)
         self.pub.close(linger=0)
+        for endpoint in (self.endpoint, self.watch_endpoint):
+            unlink_quietly(endpoint.removeprefix("ipc://"))
         self.context.term()
         del self.store
         if self.gpu_locks is not None:

@@ -7,6 +7,7 @@ as root. Each user is driven by a real process of that user (tests/support/tenan
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,12 @@ import pytest
 
 from mig_kernel.testing import BrokerProcess, all_free
 
+from .test_gpu import REASON as GPU_REASON
+from .test_gpu import record
+
 REPO = Path(__file__).resolve().parents[1]
+# The users' processes import this checkout, and whatever else this process imports from.
+PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 USERS = ("mkt-alice", "mkt-bob")
 LAYOUT = "H100-80GB:4x1g.10gb"
 
@@ -49,7 +55,9 @@ def os_users() -> dict[str, Any]:
             pwd.getpwnam(name)
         except KeyError:
             subprocess.run(["useradd", "--create-home", name], check=True)
-    for path in {Path(os.path.realpath(sys.executable)).parent, Path(sys.prefix), REPO}:
+    reached = {Path(os.path.realpath(sys.executable)).parent, Path(sys.prefix), REPO}
+    reached.update(Path(p) for p in PYTHONPATH.split(os.pathsep) if os.path.isdir(p))
+    for path in reached:
         _traversable(path)
     accounts = {name: pwd.getpwnam(name) for name in USERS}
     probe = subprocess.run(
@@ -58,7 +66,7 @@ def os_users() -> dict[str, Any]:
         group=accounts[USERS[0]].pw_gid,
         extra_groups=[],
         cwd="/",
-        env={"PYTHONPATH": str(REPO), "HOME": accounts[USERS[0]].pw_dir},
+        env={"PYTHONPATH": PYTHONPATH, "HOME": accounts[USERS[0]].pw_dir},
         capture_output=True,
         text=True,
     )
@@ -66,34 +74,35 @@ def os_users() -> dict[str, Any]:
     return accounts
 
 
-@pytest.fixture
-def node() -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def multi_user_node(*args: str, timeout: float = 60) -> Iterator[dict[str, Any]]:
     """A multi-user broker whose runtime dir every user can reach (pytest's tmp dirs are
-    private to root); torn down with its directory."""
+    private to root); stopped and its directory removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix="mkt-node-"))
     base.chmod(0o755)
     broker = BrokerProcess(
         base / "state",
-        [
-            "--multi-user",
-            "--backend",
-            "sim",
-            "--sim-layout",
-            LAYOUT,
-            "--runtime-dir",
-            str(base / "run"),
-            "--per-user-limit",
-            "2",
-        ],
+        ["--multi-user", "--runtime-dir", str(base / "run"), *args],
         connection_file=base / "run" / "broker.json",
     )
-    broker.start()
     try:
-        broker.wait_for(all_free)
-        yield {"base": base, "broker": broker}
+        broker.start()
+        status = broker.wait_for(all_free, timeout=timeout)
+        yield {"base": base, "broker": broker, "status": status}
     finally:
         broker.stop()
+        if os.environ.get("MIG_KERNEL_GPU_RECORD"):  # the executors' logs, for the record
+            logs = Path(os.environ["MIG_KERNEL_GPU_RECORD"]) / "multi-user-logs"
+            shutil.copytree(base / "state" / "logs", logs, dirs_exist_ok=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def node() -> Iterator[dict[str, Any]]:
+    with multi_user_node(
+        "--backend", "sim", "--sim-layout", LAYOUT, "--per-user-limit", "2"
+    ) as started:
+        yield started
 
 
 class Driven:
@@ -108,7 +117,7 @@ class Driven:
             extra_groups=[],
             cwd="/",
             env={
-                "PYTHONPATH": str(REPO),
+                "PYTHONPATH": PYTHONPATH,
                 "HOME": account.pw_dir,
                 "USER": account.pw_name,
                 "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -256,40 +265,63 @@ def test_a_hello_claiming_another_user_is_still_the_callers_uid(
     assert bob("hello", claim="root") == {"user": USERS[1], "admin": False}
 
 
-def test_policy_refuses_a_user_who_is_not_allowed(os_users: dict[str, Any], tmp_path: Path) -> None:
-    base = Path(tempfile.mkdtemp(prefix="mkt-policy-"))
-    base.chmod(0o755)
-    broker = BrokerProcess(
-        base / "state",
-        [
-            "--multi-user",
-            "--backend",
-            "sim",
-            "--sim-layout",
-            LAYOUT,
-            "--runtime-dir",
-            str(base / "run"),
-            f"--LeasePolicy.allowed_users={USERS[0]}",
-            "--LeasePolicy.allowed_profiles={'*': ['2g.20gb']}",
-        ],
-        connection_file=base / "run" / "broker.json",
-    )
-    broker.start()
-    try:
-        alice = Driven(os_users[USERS[0]], broker.connection_file)
-        bob = Driven(os_users[USERS[1]], broker.connection_file)
+def test_policy_refuses_a_user_who_is_not_allowed(os_users: dict[str, Any]) -> None:
+    with multi_user_node(
+        "--backend",
+        "sim",
+        "--sim-layout",
+        LAYOUT,
+        f"--LeasePolicy.allowed_users={USERS[0]}",
+        "--LeasePolicy.allowed_profiles={'*': ['2g.20gb']}",
+    ) as started:
+        alice = Driven(os_users[USERS[0]], started["broker"].connection_file)
+        bob = Driven(os_users[USERS[1]], started["broker"].connection_file)
         try:
             refused = bob("hello")
             assert refused["error"] == "NotPermitted"
             assert "not allowed" in refused["message"] and USERS[1] in refused["message"]
             denied = alice("connect")
-            assert (
-                denied["error"] == "NotPermitted"
-                and "allowed profiles: 2g.20gb" in denied["message"]
-            )
+            assert denied["error"] == "NotPermitted"
+            assert "allowed profiles: 2g.20gb" in denied["message"]
         finally:
             alice.close()
             bob.close()
-    finally:
-        broker.stop()
-        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_REASON is not None, reason=str(GPU_REASON))
+def test_two_users_share_the_gpu_in_process_slices(os_users: dict[str, Any]) -> None:
+    """On a real GPU (MIG off): two `process` slices of one card, each executor switched to its
+    holder after warming CuPy as root; each computes on the GPU as its own uid."""
+    with multi_user_node("--backend", "nvml", "--share", "2", timeout=180) as started:
+        record("multi-user-status.json", started["status"])
+        assert {s["isolation"] for s in started["status"]["slices"]} == {"process"}
+        connection_file = started["broker"].connection_file
+        driven = {name: Driven(os_users[name], connection_file) for name in USERS}
+        try:
+            seen: dict[str, Any] = {}
+            for name, tenant in driven.items():
+                lease = tenant("connect")
+                assert lease.get("user") == name, lease
+                seen[name] = {"lease": lease["slice"], "whoami": tenant("whoami")}
+                seen[name]["gpu"] = tenant("gpu")
+                seen[name]["segments"] = tenant("put")["segments"]
+            record("multi-user-gpu.json", seen)
+            alice, bob = (seen[name] for name in USERS)
+            assert alice["lease"] != bob["lease"]
+            for name in USERS:
+                assert seen[name]["whoami"]["resuid"] == [os_users[name].pw_uid] * 3
+                gpu = seen[name]["gpu"]
+                assert gpu.get("module") == "cupy" and gpu["sum"] == gpu["expected"], gpu
+                assert gpu["visible"].startswith("GPU-")
+                # its kernels compile into its own cache, not the broker's HOME
+                assert gpu["kernel_cache"].startswith(os_users[name].pw_dir + "/")
+                assert gpu["cached_kernels"] > 0
+            state = started["base"] / "state"
+            targets = [str(state / "broker.sqlite"), *alice["segments"]]
+            seen["bob_probes"] = driven[USERS[1]]("probe", paths=targets)
+            record("multi-user-gpu.json", seen)
+            assert seen["bob_probes"] == {path: "PermissionError" for path in targets}
+        finally:
+            for tenant in driven.values():
+                tenant.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +103,3 @@ def become(holder: Holder, socket_path: str | None) -> None:
         os.chdir(holder.home)
     except OSError:
         os.chdir("/")  # a user without a (reachable) home still computes
-    if not os.access(holder.home, os.W_OK) and "CUPY_CACHE_DIR" not in os.environ:
-        # CuPy compiles kernels into ~/.cupy; a private temp dir serves a user without a home
-        os.environ["CUPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="mig-kernel-cupy-")

@@ -88,6 +88,35 @@ class Runtime:
             return int(self.xp.get_default_memory_pool().used_bytes())
         return 0
 
+    def follow_home(self, home: str) -> str | None:
+        """After the executor became its holder (multi-user): CuPy compiles new kernels into
+        the holder's own cache (``$CUPY_CACHE_DIR``, else ``~/.cupy/kernel_cache`` of the new
+        HOME; a private temp dir if that cannot be made), not the one it chose at import under
+        the broker's HOME, which the holder cannot write. Returns the directory (None on sim).
+
+        CuPy (14) fixes the directory in a module-level cache backend at import: that object is
+        replaced by one on the new directory; earlier CuPy versions read the variable on each
+        compile, which the variable alone serves."""
+        if self.name != "cupy":
+            return None
+        import os
+        import tempfile
+
+        cache = os.environ.get("CUPY_CACHE_DIR") or os.path.join(home, ".cupy", "kernel_cache")
+        try:
+            os.makedirs(cache, mode=0o700, exist_ok=True)
+            if not os.access(cache, os.W_OK):
+                raise PermissionError(cache)
+        except OSError:
+            cache = tempfile.mkdtemp(prefix="mig-kernel-cupy-")
+        os.environ["CUPY_CACHE_DIR"] = cache
+        from cupy.cuda import compiler
+
+        backend = getattr(compiler, "_kernel_cache_backend", None)
+        if backend is not None:
+            compiler._kernel_cache_backend = type(backend)(cache)
+        return cache
+
     def is_device_array(self, obj: Any) -> bool:
         return isinstance(obj, self.xp.ndarray)
 

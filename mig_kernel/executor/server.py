@@ -370,6 +370,10 @@ class ExecutorServer:
             raise BadRequest(str(exc)) from None
         self.holder, self.awaiting_holder = holder, False
         self.touched = True  # it is the holder's process now: never reused for anyone else
+        try:
+            self.runtime.follow_home(holder.home)
+        except Exception:  # compiles may fail later; the holder's calls will say why
+            log.exception("could not move CuPy's kernel cache to %s's home", holder.user)
         log.info(
             "executor %s now runs as %s (uid %d)", self.spec.executor_id, holder.user, holder.uid
         )

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from mig_kernel import client as mk
-from mig_kernel.wire.errors import MigKernelError
 
 
 def probe_on_slice(paths: list[str]) -> dict[str, str]:
@@ -74,6 +73,27 @@ class Tenant:
     def op_whoami(self) -> dict[str, Any]:
         assert self.session is not None
         return self.session.run(whoami)
+
+    def op_gpu(self) -> dict[str, Any]:
+        """A computation on the slice's device (CuPy on a GPU slice)."""
+        assert self.session is not None
+
+        def compute() -> dict[str, Any]:
+            import os as _os
+
+            total = xp.arange(1 << 20, dtype=xp.float64).sum()  # noqa: F821 (the slice's xp)
+            cache = _os.environ.get("CUPY_CACHE_DIR")
+            return {
+                "module": xp.__name__,  # noqa: F821
+                "sum": float(total),
+                "visible": _os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "kernel_cache": cache,
+                "cached_kernels": len(_os.listdir(cache)) if cache else 0,
+            }
+
+        found = self.session.run(compute)
+        found["expected"] = float(np.arange(1 << 20, dtype=np.float64).sum())
+        return found
 
     def op_probe(self, paths: list[str]) -> dict[str, Any]:
         assert self.session is not None
@@ -147,8 +167,12 @@ def main() -> None:
         op = command.pop("op")
         try:
             answer = getattr(tenant, f"op_{op}")(**command)
-        except (MigKernelError, OSError, ValueError) as exc:
-            answer = {"error": type(exc).__name__, "message": str(exc)}
+        except Exception as exc:  # the test reads what went wrong, remote tracebacks included
+            answer = {
+                "error": type(exc).__name__,
+                "message": str(exc),
+                "remote_traceback": getattr(exc, "remote_traceback", None),
+            }
         print(json.dumps(answer), flush=True)
     if tenant.session is not None and not tenant.session.released:
         tenant.session.release()

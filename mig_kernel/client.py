@@ -23,7 +23,7 @@ import zmq
 from .channel import Channel
 from .remote import ExecutorConnection, Invocation, RemoteArray, RemoteObject, Route
 from .wire.arena import Arena
-from .wire.connection import ConnectionInfo, read_connection_file
+from .wire.connection import ConnectionInfo, connection_file_path, read_connection_file
 from .wire.errors import (
     AcquireTimeout,
     BrokerUnavailable,
@@ -32,6 +32,7 @@ from .wire.errors import (
     LeaseNotFound,
     MigKernelError,
 )
+from .wire.reach import check_reachable
 
 QueuedCallback = Callable[[int, int], None]  # (position, queue length)
 
@@ -53,9 +54,20 @@ class BrokerClient:
         self.info: ConnectionInfo = read_connection_file(connection_file)
         self.connection_file = connection_file
         self.context = context or zmq.Context.instance()
-        self.channel = Channel(
-            self.context, self.info.endpoint, self.info.key_bytes, None, timeout=timeout
-        )
+        if credentials is None:
+            # Opening a session: if the broker's socket refuses this process outright, say why
+            # now (ZeroMQ would retry in silence until the timeout). A fork or a pooled client
+            # reuses a session the broker already answered, and must ride out a broker restart.
+            check_reachable(self.info, connection_file_path(connection_file))
+        try:
+            self.channel = Channel(
+                self.context, self.info.endpoint, self.info.key_bytes, None, timeout=timeout
+            )
+        except zmq.ZMQError as exc:  # an endpoint ZeroMQ cannot parse: the file is damaged
+            raise BrokerUnavailable(
+                f"cannot connect to {self.info.endpoint} named in "
+                f"{connection_file_path(connection_file)}: {exc}"
+            ) from None
         if credentials is None:
             try:
                 hello = self.channel.call(

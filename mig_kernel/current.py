@@ -5,6 +5,10 @@ In a mig-kernel kernel the provisioner puts the lease settings in the environmen
 to the lease the provisioner acquired (found by its tag, so a restarted kernel finds it too), or
 acquires one on first use (lazy kernels, a start that found no free slice). In any other
 process it acquires on first use, untagged.
+
+A kernel whose start got no slice (broker refused, unreachable, no free slice) still starts;
+the provisioner says why in ``MIG_KERNEL_NO_SLICE_REASON``, and the holder keeps the latest
+such reason (``no_slice_reason``) so ``%gpu status`` can show it in the notebook.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .wire.errors import LeaseEnded, MigKernelError
+from .wire.reach import describe_failure
 
 if TYPE_CHECKING:  # the client (and NumPy) load on the first GPU use, not at kernel start
     from .client import QueuedCallback, Session
@@ -24,6 +29,7 @@ if TYPE_CHECKING:  # the client (and NumPy) load on the first GPU use, not at ke
 ENV_TAG = "MIG_KERNEL_TAG"
 ENV_PROFILE = "MIG_KERNEL_PROFILE"
 ENV_IDLE_TIMEOUT = "MIG_KERNEL_IDLE_TIMEOUT"
+ENV_NO_SLICE_REASON = "MIG_KERNEL_NO_SLICE_REASON"  # one line: why the kernel started without one
 REACQUIRABLE = ("idle", "suspended")  # ended leases whose data the next call brings back
 
 
@@ -44,6 +50,7 @@ class SliceHolder:
         tag: str | None = None,
         broker: str | None = None,
         notify: Callable[[str], None] = _print,
+        no_slice_reason: str | None = None,
     ) -> None:
         self.profile = profile
         self.idle_timeout = idle_timeout
@@ -52,6 +59,9 @@ class SliceHolder:
         self.notify = notify  # one-line messages for the user (re-acquired, new lease)
         self.on_queued: QueuedCallback | None = None  # queue positions while a request waits
         self.session: Session | None = None
+        # Why the process holds no slice, as of the last attempt to get one that failed (the
+        # provisioner's at kernel start, an attach, a GPU cell's lease); None once one is held.
+        self.no_slice_reason = no_slice_reason
         self.lock = threading.RLock()
 
     @classmethod
@@ -61,6 +71,7 @@ class SliceHolder:
             profile=os.environ.get(ENV_PROFILE) or None,
             idle_timeout=float(idle) if idle else None,
             tag=os.environ.get(ENV_TAG) or None,
+            no_slice_reason=os.environ.get(ENV_NO_SLICE_REASON) or None,
         )
 
     # -- getting the session ---------------------------------------------------------------
@@ -91,14 +102,20 @@ class SliceHolder:
         with self.lock:
             if self.session is not None and self._usable(self.session):
                 return self.session
-            session = attach(
-                tag=self.tag,
-                broker=self.broker,
-                on_reacquire=self._reacquired,
-                on_queued=self._queued,
-            )
-            if session is not None and reset:
-                session.reset()
+            try:
+                session = attach(
+                    tag=self.tag,
+                    broker=self.broker,
+                    on_reacquire=self._reacquired,
+                    on_queued=self._queued,
+                )
+                if session is not None and reset:
+                    session.reset()
+            except (MigKernelError, OSError) as exc:
+                self.no_slice_reason = describe_failure(exc)
+                raise
+            if session is not None:
+                self.no_slice_reason = None
             self.session = session or self.session
             return session
 
@@ -135,14 +152,19 @@ class SliceHolder:
             ended = self.session.ended if self.session is not None else None
             session = self.attach_existing()
             if session is None:
-                session = connect(
-                    profile or self.profile,
-                    idle_timeout=self.idle_timeout,
-                    tag=self.tag,
-                    broker=self.broker,
-                    on_queued=self._queued,
-                    on_reacquire=self._reacquired,
-                )
+                try:
+                    session = connect(
+                        profile or self.profile,
+                        idle_timeout=self.idle_timeout,
+                        tag=self.tag,
+                        broker=self.broker,
+                        on_queued=self._queued,
+                        on_reacquire=self._reacquired,
+                    )
+                except (MigKernelError, OSError) as exc:
+                    self.no_slice_reason = describe_failure(exc)
+                    raise
+                self.no_slice_reason = None
             if ended is not None:
                 self.notify(
                     f"mig-kernel: the previous lease ended ({ended}); its device data is lost. "

@@ -23,6 +23,7 @@ from traitlets import List, Type, Unicode, default
 from .. import __version__
 from ..current import holder
 from ..wire.errors import MigKernelError
+from ..wire.reach import describe_failure
 
 log = logging.getLogger("mig_kernel.kernel")
 EXTENSION = "mig_kernel.jupyter.magics"
@@ -31,11 +32,18 @@ ATTACH_FALLBACK_SECONDS = 2.0  # attach anyway if no kernel_info request comes
 
 def attach_slice(logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
     """Take over the lease the provisioner acquired (eager kernels), so heartbeats start; with
-    none (lazy kernels, or no free slice at start) the first GPU cell leases."""
+    none (lazy kernels, or no free slice at start) the first GPU cell leases. A broker that
+    refuses or cannot be reached is only logged: the holder keeps the reason for ``%gpu
+    status``, and nothing may escape this thread (its traceback would land in a random cell)."""
+    slice_holder = holder()
     try:
-        session = holder().attach_existing()
-    except MigKernelError as exc:
-        logger.warning("mig-kernel: no slice attached at start: %s", exc)
+        session = slice_holder.attach_existing()
+    except (MigKernelError, OSError) as exc:  # the holder has recorded why
+        logger.warning("mig-kernel: no slice attached at start: %s", describe_failure(exc))
+        return
+    except Exception as exc:
+        slice_holder.no_slice_reason = f"internal error while attaching: {describe_failure(exc)}"
+        logger.exception("mig-kernel: no slice attached at start")
         return
     if session is not None:
         logger.info(

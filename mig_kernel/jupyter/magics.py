@@ -19,7 +19,8 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from ..current import ProfileMismatch, SliceHolder, holder
-from ..wire.errors import MigKernelError
+from ..wire.errors import InternalError, MigKernelError
+from ..wire.reach import describe_failure
 from .cell import plan_cell, run_on_slice, select_inputs
 
 _cells = itertools.count(1)
@@ -48,12 +49,24 @@ class _QueueDisplay:
             self.handle.update({"text/plain": text}, raw=True)
 
 
+def _render_brief(exc: BaseException, *lines: str) -> None:
+    """Show an error as its type and one line of cause (plus ``lines``), without the client's
+    frames: a broker's refusal or an unreachable broker is about the node, not about code the
+    user can fix, and a traceback through mig-kernel's internals would hide the reason."""
+    shown = [f"{type(exc).__name__}: {describe_failure(exc)}", *lines]
+    exc._render_traceback_ = lambda: shown  # type: ignore[attr-defined]
+
+
 def _attach_render(exc: BaseException, filename: str) -> None:
     """Show a remote error as the notebook shows a local one: the traceback from the cell's
     first frame on (the executor's own frames are noise to the user). IPython calls
-    ``_render_traceback_`` when an exception has one."""
+    ``_render_traceback_`` when an exception has one. mig-kernel's own errors without a
+    remote traceback (the broker refused a re-acquire, say) are shown briefly; an internal
+    error keeps its traceback, which a bug report needs."""
     remote = getattr(exc, "remote_traceback", "")
     if not remote:
+        if isinstance(exc, MigKernelError) and not isinstance(exc, InternalError):
+            _render_brief(exc)
         return
     lines = remote.rstrip("\n").splitlines()
     start = next((i for i, line in enumerate(lines) if filename in line), None)
@@ -98,6 +111,12 @@ class GpuMagics(Magics):
             return self.holder.session_for(profile)
         except ProfileMismatch as exc:
             raise UsageError(str(exc)) from None
+        except (MigKernelError, OSError) as exc:
+            _render_brief(
+                exc,
+                "mig-kernel: no GPU slice for this cell; the next GPU cell asks the broker again",
+            )
+            raise
         finally:
             self.holder.on_queued = None
 
@@ -163,9 +182,17 @@ class GpuMagics(Magics):
         getattr(self, f"_gpu_{args.action}")(args)
 
     def _gpu_status(self, args: Any) -> None:
-        session = self.holder.current(attach=True)
+        try:
+            session = self.holder.current(attach=True)
+        except (MigKernelError, OSError):
+            session = None  # the holder has recorded why
         if session is None:
-            print("mig-kernel: this kernel holds no GPU slice (the next GPU cell leases one)")
+            reason = self.holder.no_slice_reason
+            if reason:
+                print(f"GPU slice: none — {reason}")
+                print("(the next GPU cell, or %gpu acquire, asks the broker again)")
+            else:
+                print("mig-kernel: this kernel holds no GPU slice (the next GPU cell leases one)")
             return
         if session.ended:
             print(
@@ -173,9 +200,12 @@ class GpuMagics(Magics):
                 f"leases one again and restores the device data (lease was {session.id})"
             )
             return
-        mine = next(
-            (s for s in self._node_status()["slices"] if s["id"] == session.slice["id"]), {}
-        )
+        try:
+            node = self._node_status()
+        except (MigKernelError, OSError) as exc:  # the lease's own facts are still worth showing
+            node = {"slices": []}
+            print(f"broker     unreachable: {describe_failure(exc)}")
+        mine = next((s for s in node["slices"] if s["id"] == session.slice["id"]), {})
         idle = session.idle_seconds
         if idle is None:
             idle = mine.get("idle_seconds")

@@ -5,6 +5,10 @@ executor), labels the lease with the kernel id so the kernel process (and the ne
 restart) finds it, and releases it when the kernel shuts down for good. Heartbeats come from the
 kernel process, so a kernel that dies loses its slice within the broker's heartbeat window
 unless a restart takes it over first.
+
+Nothing the broker says, and no failure to reach it, fails a kernel start (jupyter_server would
+answer HTTP 500 and the user would see a dialog with a traceback): the kernel starts without a
+slice and the reason, one line, travels in its environment to ``%gpu status``.
 """
 
 from __future__ import annotations
@@ -18,16 +22,10 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Enum, Float, Unicode
 
 from ..client import BrokerClient
-from ..current import ENV_IDLE_TIMEOUT, ENV_PROFILE, ENV_TAG
+from ..current import ENV_IDLE_TIMEOUT, ENV_NO_SLICE_REASON, ENV_PROFILE, ENV_TAG
 from ..wire.connection import ENV_BROKER
-from ..wire.errors import (
-    BrokerUnavailable,
-    LeaseEnded,
-    LeaseNotFound,
-    MigKernelError,
-    NoCapacity,
-    QuotaExceeded,
-)
+from ..wire.errors import LeaseEnded, LeaseNotFound, MigKernelError
+from ..wire.reach import describe_failure
 
 GPU_ENV_PREFIXES = ("NVIDIA_", "CUDA_MPS_", "ROCR_", "HIP_")  # device variables the kernel loses
 
@@ -62,6 +60,7 @@ class MigProvisioner(LocalProvisioner):  # type: ignore[misc]
     ).tag(config=True)
 
     lease_id: str | None = None
+    no_slice_reason: str | None = None  # why the last start got no slice (one line)
 
     @property
     def tag(self) -> str:
@@ -82,14 +81,19 @@ class MigProvisioner(LocalProvisioner):  # type: ignore[misc]
         if self.broker:
             env[ENV_BROKER] = self.broker
         kwargs["env"] = env
+        env.pop(ENV_NO_SLICE_REASON, None)  # inherited from an earlier start, or a parent
         if self.acquire == "eager":
             await asyncio.to_thread(self._ensure_lease)
+            if self.no_slice_reason:
+                env[ENV_NO_SLICE_REASON] = self.no_slice_reason
         return kwargs
 
     def _ensure_lease(self) -> None:
-        """Lease now unless this kernel holds one (a restart keeps it). No free slice, or the
-        user's quota used up: the kernel starts anyway and its first GPU cell waits or says
-        why; a profile the node lacks fails the start with the broker's reason."""
+        """Lease now unless this kernel holds one (a restart keeps it). Whatever stops it (no
+        free slice, the user's quota used up, a profile the node lacks, a broker that refuses
+        this user or cannot be reached) the kernel starts anyway: ``no_slice_reason`` says why,
+        and the first GPU cell waits in the queue or shows the broker's answer in the cell."""
+        self.no_slice_reason = None
         try:
             with self._client() as client:
                 held = client.leases(tag=self.tag)
@@ -106,12 +110,16 @@ class MigProvisioner(LocalProvisioner):  # type: ignore[misc]
                     lease["slice"]["id"],
                     lease["slice"]["profile"],
                 )
-        except (NoCapacity, QuotaExceeded, BrokerUnavailable) as exc:
+        except (MigKernelError, OSError) as exc:
+            self.no_slice_reason = describe_failure(exc)
             self.log.warning(
-                "mig-kernel: kernel %s starts without a slice (%s); its first GPU cell leases one",
+                "mig-kernel: kernel %s starts without a slice: %s",
                 self.kernel_id,
-                exc,
+                self.no_slice_reason,
             )
+        except Exception as exc:  # a bug here must not stop the kernel either
+            self.no_slice_reason = f"internal error while leasing: {describe_failure(exc)}"
+            self.log.exception("mig-kernel: kernel %s starts without a slice", self.kernel_id)
 
     # -- shutdown --------------------------------------------------------------------------
     async def cleanup(self, restart: bool = False) -> None:
@@ -121,7 +129,7 @@ class MigProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     def _release(self) -> None:
         """Give back whatever this kernel holds (the kernel usually released it already)."""
-        with contextlib.suppress(MigKernelError), self._client() as client:
+        with contextlib.suppress(MigKernelError, OSError), self._client() as client:
             for lease in client.leases(tag=self.tag):
                 with contextlib.suppress(LeaseEnded, LeaseNotFound):
                     client.release(lease["id"])

@@ -17,8 +17,9 @@ from traitlets.config import Application, catch_config_error
 
 from . import __version__
 from .broker.identity import LocalUserIdentity, PeerCredentialIdentity
+from .broker.places import BrokerStartError
 from .broker.policy import LeasePolicy
-from .broker.server import Broker, BrokerStartError
+from .broker.server import Broker
 from .client import BrokerClient
 from .jupyter import kernelspec
 from .jupyter.lab import LabError, LabOptions, run_lab

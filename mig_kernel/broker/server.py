@@ -9,7 +9,6 @@ table-driven: request type ``x`` is handled by ``request_x``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import pwd
@@ -32,25 +31,19 @@ from ..wire import errors as E
 from ..wire.connection import (
     AUTH_KEY,
     AUTH_PEERCRED,
-    CONNECTION_FILE,
-    SYSTEM_RUNTIME_DIR,
     SYSTEM_STATE_DIR,
     ConnectionInfo,
     bind_private,
     default_state_dir,
     ipc_endpoint,
-    new_runtime_dir,
-    runtime_dir_for,
-    usable_runtime_dir,
-    write_connection_file,
 )
 from ..wire.messages import Message, decode, encode, error_body, handler_name, refusal
-from ..wire.paths import UnsafePath, private_dir, secure_dir, unlink_quietly
+from ..wire.paths import UnsafePath, private_dir, unlink_quietly
 from ..wire.peercred import PeerCredentials, peer_credentials
 from ..wire.signing import ReplayGuard, new_key
 from ..wire.transport import IPC, TRANSPORTS, transport_of
 from . import policy as P
-from .gpu_lock import GpuBusy, GpuLocks, default_lock_dir
+from .gpu_lock import default_lock_dir
 from .identity import (
     Identity,
     IdentityProvider,
@@ -61,6 +54,7 @@ from .identity import (
     pseudonym,
 )
 from .metrics import BrokerMetrics
+from .places import Places, check_privileges
 from .policy import LeasePolicy
 from .pool import ExecutorPool
 from .state import (
@@ -80,10 +74,6 @@ log = logging.getLogger("mig_kernel.broker")
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_BATCH = 512  # requests handled per loop turn before timers and the commit get their turn
-
-
-class BrokerStartError(Exception):
-    """The broker cannot start (state dir not writable, another broker on it, bad layout)."""
 
 
 @dataclass
@@ -238,10 +228,7 @@ class Broker(LoggingConfigurable):
         self.seq = 0
         self.stopping = False
         self._timers: dict[str, float] = {}
-        self._lockfile: Any = None
         self._metrics_server: Any = None
-        self.gpu_locks: GpuLocks | None = None
-        self.connection_path: Path | None = None
 
     # ================================================================== lifecycle
     def start(self) -> None:
@@ -249,10 +236,18 @@ class Broker(LoggingConfigurable):
         default_dir = SYSTEM_STATE_DIR if self.multi_user else default_state_dir()
         self.state_path = Path(self.state_dir or default_dir).expanduser().resolve()
         if self.multi_user:
-            self._check_privileges()
-        self._prepare_state_dir()
+            check_privileges()
+        self.places = Places(
+            self.state_path,
+            multi_user=self.multi_user,
+            runtime_dir=self.runtime_dir,
+            spill_dir=self.spill_dir,
+            lock_dir=self.lock_dir,
+        )
+        self.places.prepare_state()
         self.store = Store(self.state_path / "broker.sqlite")
-        self._lock_gpus()
+        user = "multi-user" if self.multi_user else os.environ.get("USER", "")
+        self.places.lock_gpus(self.inventory.gpus(), user)
         self.connection_key = self._secret("connection_key")
         self.watch_key = self._secret("watch_key")
         self.pseudonym_secret = self._secret("pseudonym_secret")
@@ -262,8 +257,8 @@ class Broker(LoggingConfigurable):
         if not self.multi_user and not self.policy.admin_users and self.identity.user:
             self.policy.admin_users = {self.identity.user}
         self.guard = ReplayGuard(self.replay_window)
-        self.runtime_path = self._prepare_runtime_dir()
-        self.spill_root = self._prepare_spill_dir()
+        self.runtime_path = self.places.prepare_runtime(self.store)
+        self.places.prepare_spill()
         socket_mode = 0o666 if self.multi_user else 0o600  # multi-user: the kernel says who
         self.context = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
@@ -294,25 +289,17 @@ class Broker(LoggingConfigurable):
             self._metrics_server = start_http_server(
                 self.metrics_port, addr="127.0.0.1", registry=self.metrics.registry
             )
-        if self.multi_user:  # public: what to connect to, and no secret
-            self.connection_path = self.runtime_path / CONNECTION_FILE
-            key, auth, mode = "", AUTH_PEERCRED, 0o644
-        else:
-            self.connection_path = self.state_path / CONNECTION_FILE
-            key, auth, mode = self.connection_key.hex(), AUTH_KEY, 0o600
-        write_connection_file(
-            self.connection_path,
+        self.places.write_connection(
             ConnectionInfo(
                 endpoint=self.endpoint,
                 watch_endpoint=self.watch_endpoint,
-                key=key,
+                key="" if self.multi_user else self.connection_key.hex(),  # public: no secret
                 pid=os.getpid(),
                 state_dir=str(self.state_path),
                 user=self.identity.user,
                 version=__version__,
-                auth=auth,
-            ),
-            mode,
+                auth=AUTH_PEERCRED if self.multi_user else AUTH_KEY,
+            )
         )
         self.log.info(
             "broker serving %d slice(s) (%s backend, %s) at %s",
@@ -322,98 +309,10 @@ class Broker(LoggingConfigurable):
             self.endpoint,
         )
 
-    def _check_privileges(self) -> None:
-        """A multi-user broker must be able to switch executors to their holders."""
-        if os.geteuid() == 0:
-            return
-        from ..executor.privileges import capabilities
-
-        needed = {"CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_CHOWN": 0}
-        effective = capabilities().get("CapEff", 0)
-        missing = [name for name, bit in needed.items() if not effective >> bit & 1]
-        if missing:
-            raise BrokerStartError(
-                f"--multi-user needs root or the capabilities CAP_SETUID, CAP_SETGID and "
-                f"CAP_CHOWN (missing: {', '.join(missing)}); see docs/deploy-multi-user.md"
-            )
-
-    def _prepare_state_dir(self) -> None:
-        try:
-            private_dir(self.state_path)
-            probe = self.state_path / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except UnsafePath as exc:
-            raise BrokerStartError(str(exc)) from None
-        except OSError as exc:
-            raise BrokerStartError(
-                f"state dir {self.state_path} is not usable: {exc.strerror or exc}"
-            ) from None
-        for name in ("broker.sqlite", "broker.sqlite-wal", "broker.sqlite-shm", "broker.lock"):
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(self.state_path / name, 0o600)  # files of an older version: umask
-        self._lockfile = open(self.state_path / "broker.lock", "a")  # noqa: SIM115 (held for life)
-        try:
-            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BrokerStartError(
-                f"another broker is already running on state dir {self.state_path}"
-            ) from None
-
-    def _lock_gpus(self) -> None:
-        """One broker per GPU, node-wide (gpu_lock.py)."""
-        self.gpu_locks = GpuLocks(Path(self.lock_dir))
-        holder = {"pid": os.getpid(), "state_dir": str(self.state_path)}
-        holder["user"] = "multi-user" if self.multi_user else os.environ.get("USER", "")
-        try:
-            self.gpu_locks.acquire(self.inventory.gpus(), holder)
-        except GpuBusy as exc:
-            raise BrokerStartError(str(exc)) from None
-
-    def _prepare_runtime_dir(self) -> Path:
-        """The sockets' directory. Multi-user: public (0755; the sockets say who connects).
-        Single-user: private (0700), derived from the state dir where a short path fits, else
-        an unpredictable one remembered in the state (a restart finds its executors there)."""
-        try:
-            if self.runtime_dir or self.multi_user:
-                path = Path(self.runtime_dir or SYSTEM_RUNTIME_DIR)
-                return secure_dir(path, 0o755 if self.multi_user else 0o700)
-            derived = runtime_dir_for(self.state_path)
-            if derived is not None:
-                return derived
-        except UnsafePath as exc:
-            raise BrokerStartError(str(exc)) from None
-        except OSError as exc:
-            raise BrokerStartError(f"runtime dir is not usable: {exc}") from None
-        remembered = self.store.meta("runtime_dir")
-        if remembered and usable_runtime_dir(remembered):
-            return Path(remembered)
-        path = new_runtime_dir()
-        self.store.set_meta("runtime_dir", str(path))
-        return path
-
-    def _prepare_spill_dir(self) -> Path:
-        default = (
-            self.state_path.with_name(self.state_path.name + "-spill")
-            if self.multi_user
-            else self.state_path / "spill"
-        )
-        path = Path(self.spill_dir or default)
-        try:  # multi-user: others may pass (to their own 0700 dirs inside) but not list
-            return secure_dir(path, 0o711 if self.multi_user else 0o700)
-        except (UnsafePath, OSError) as exc:
-            raise BrokerStartError(f"spill dir {path} is not usable: {exc}") from None
-
     def _spill_path(self, lease: Lease) -> Path:
-        """Where a lease's device data goes: multi-user, inside a 0700 directory of its owner
-        (the executor writes there as that user)."""
-        if not self.multi_user:
-            return self.spill_root / lease.id
-        account = account_of(self._owner_uid(lease))
-        user_dir = secure_dir(
-            self.spill_root / account.user, 0o700, uid=account.uid, gid=account.gid
-        )
-        return user_dir / lease.id
+        """Where a lease's device data goes (places.py): multi-user, a directory of its owner."""
+        owner = account_of(self._owner_uid(lease)) if self.multi_user else None
+        return self.places.spill_path(lease.id, owner)
 
     def _secret(self, name: str) -> bytes:
         value = self.store.meta(name)
@@ -527,9 +426,6 @@ class Broker(LoggingConfigurable):
             self._forget_executor(ex)
         self.store.commit()
         self.store.close()
-        if self.connection_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.connection_path.unlink()
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
         self.router.close(linger=0)
@@ -538,10 +434,7 @@ class Broker(LoggingConfigurable):
             unlink_quietly(endpoint.removeprefix("ipc://"))
         self.context.term()
         del self.store
-        if self.gpu_locks is not None:
-            self.gpu_locks.release()
-        if self._lockfile is not None:
-            self._lockfile.close()
+        self.places.release()
 
     # ================================================================== loop
     def run_once(self, timeout_ms: int = 100) -> None:

@@ -21,6 +21,7 @@ from mig_kernel.wire.connection import (
     runtime_dir_for,
     write_connection_file,
 )
+from mig_kernel.wire.executor_spec import Account
 from mig_kernel.wire.messages import (
     PROTOCOL_VERSION,
     decode,
@@ -162,3 +163,14 @@ def test_private_dirs_and_sockets(tmp_path: Path) -> None:
         sock.close()
     finally:
         ctx.term()
+
+
+def test_become_accounts_are_checked_field_by_field() -> None:
+    body = {"user": "alice", "uid": 1001, "gid": 1001, "groups": [1001, 27], "home": "/h/a"}
+    account = Account.from_json(body)
+    assert account.groups == (1001, 27) and Account.from_json(account.to_json()) == account
+    for bad in ({"uid": -1}, {"uid": True}, {"gid": "0"}, {"groups": [2**32]}, {"groups": None}):
+        with pytest.raises(ValueError, match=r"uid/gid|needs user"):
+            Account.from_json({**body, **bad})
+    with pytest.raises(ValueError, match="needs user, uid, gid, groups and home"):
+        Account.from_json({"user": "alice"})

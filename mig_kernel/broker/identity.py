@@ -27,6 +27,7 @@ from typing import Any
 from traitlets.config import LoggingConfigurable
 
 from ..wire.errors import AuthenticationError
+from ..wire.executor_spec import Account
 from ..wire.peercred import PeerCredentials
 
 
@@ -36,26 +37,6 @@ class Identity:
     admin: bool = False  # decided by the lease policy once the provider has named the user
     uid: int | None = None  # the OS uid the session's connections must come from
     groups: tuple[str, ...] = field(default=())
-
-
-@dataclass(frozen=True)
-class Account:
-    """An OS account as an executor needs it to become that user."""
-
-    user: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    home: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "user": self.user,
-            "uid": self.uid,
-            "gid": self.gid,
-            "groups": list(self.groups),
-            "home": self.home,
-        }
 
 
 def account_of(uid: int) -> Account:

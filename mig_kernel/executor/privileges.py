@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
-from typing import Any
+
+from ..wire.executor_spec import Account
 
 PR_SET_NO_NEW_PRIVS = 38
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
@@ -28,34 +28,6 @@ CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 class PrivilegeError(Exception):
     """The executor could not become its holder (it must then never serve them)."""
-
-
-@dataclass(frozen=True)
-class Holder:
-    user: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    home: str
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Holder:
-        try:
-            return cls(
-                user=str(body["user"]),
-                uid=_id(body["uid"]),
-                gid=_id(body["gid"]),
-                groups=tuple(_id(g) for g in body["groups"]),
-                home=str(body["home"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PrivilegeError(f"become needs user, uid, gid, groups and home: {exc}") from None
-
-
-def _id(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32 - 1:
-        raise ValueError(f"{value!r} is not a uid/gid")
-    return value
 
 
 def capabilities() -> dict[str, int]:
@@ -75,7 +47,7 @@ def _no_new_privs() -> None:
         raise PrivilegeError(f"prctl(NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}")
 
 
-def become(holder: Holder, socket_path: str | None) -> None:
+def become(holder: Account, socket_path: str | None) -> None:
     """Switch this process to ``holder`` irreversibly (see the module docstring)."""
     broker_gid = os.getegid()
     try:

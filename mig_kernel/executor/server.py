@@ -37,7 +37,7 @@ from ..wire.errors import (
     SliceUnavailable,
     UnknownRequest,
 )
-from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
+from ..wire.executor_spec import CONTROL_SENDER, Account, ExecutorSpec
 from ..wire.messages import (
     Message,
     decode,
@@ -57,7 +57,7 @@ from ..wire.transport import (
     transport_of,
 )
 from .dataplane import STREAMS, DataPlane, Job
-from .privileges import Holder, PrivilegeError, become
+from .privileges import PrivilegeError, become
 from .runtime import Runtime, warm_start
 
 log = logging.getLogger("mig_kernel.executor")
@@ -89,7 +89,7 @@ class ExecutorServer:
         self.running = True
         self.sealed = False  # spilled for a reclaim: tenant requests are refused
         # A multi-user broker's executor serves nobody until it has become its holder.
-        self.holder: Holder | None = None
+        self.holder: Account | None = None
         self.awaiting_holder = spec.multi_user
         self.streams = self._inproc(context, zmq.PULL, STREAMS)  # bound before it is connected
         self.wake_in = self._inproc(context, zmq.PULL, WAKE)
@@ -359,7 +359,10 @@ class ExecutorServer:
         leaves the executor unusable: the broker kills it and grants nothing from it."""
         if not self.awaiting_holder:
             raise BadRequest("this executor already serves a holder (or serves one user only)")
-        holder = Holder.from_json(msg.body)
+        try:
+            holder = Account.from_json(msg.body)
+        except ValueError as exc:
+            raise BadRequest(f"become: {exc}") from None
         socket_path = None
         if self.spec.endpoint.startswith("ipc://"):
             socket_path = self.spec.endpoint[len("ipc://") :]

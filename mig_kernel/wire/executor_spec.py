@@ -49,3 +49,38 @@ class ExecutorSpec:
     @classmethod
     def from_json(cls, text: str) -> ExecutorSpec:
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Account:
+    """The OS account an executor of a multi-user broker becomes: the ``become`` body."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "groups": list(self.groups)}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Account:
+        """Checked field by field (ValueError naming the problem): ids are what the executor
+        will switch to, so nothing but plain non-negative integers passes."""
+        try:
+            return cls(
+                user=str(body["user"]),
+                uid=_os_id(body["uid"]),
+                gid=_os_id(body["gid"]),
+                groups=tuple(_os_id(g) for g in body["groups"]),
+                home=str(body["home"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"an account needs user, uid, gid, groups and home: {exc}") from None
+
+
+def _os_id(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32 - 1:
+        raise ValueError(f"{value!r} is not a uid/gid")
+    return value

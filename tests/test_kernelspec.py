@@ -256,3 +256,28 @@ def test_cli_refuses_two_targets(tmp_path: Path) -> None:
     result = cli(tmp_path / "none.json", "--user", "--prefix", str(tmp_path / "env"))
     assert result.returncode == 2
     assert "give one of --user, --sys-prefix, --prefix" in result.stderr
+
+
+def test_cli_multi_user_specs_name_the_nodes_broker(make_broker, tmp_path: Path) -> None:
+    broker = make_broker(layout=MIXED)
+    prefix = tmp_path / "env"
+    given = cli(
+        broker.connection_file,
+        "--multi-user",
+        "--broker",
+        str(broker.connection_file),
+        "--prefix",
+        str(prefix),
+    )
+    assert given.returncode == 0, given.stderr
+    for name in ("mig-python3", "mig-python3-2g.20gb"):
+        config = read_spec(prefix, name)["metadata"]["kernel_provisioner"]["config"]
+        assert config["broker"] == str(broker.connection_file)
+    default = run_cli("install-kernelspec", "--multi-user", "--prefix", str(tmp_path / "sys"))
+    assert default.returncode == 0, default.stderr
+    config = read_spec(tmp_path / "sys", "mig-python3")["metadata"]["kernel_provisioner"]["config"]
+    assert config["broker"] == "/run/mig-kernel/broker.json"
+    single = cli(broker.connection_file, "--prefix", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    config = read_spec(tmp_path / "single", "mig-python3")["metadata"]["kernel_provisioner"]
+    assert "broker" not in config["config"]  # a user's own broker is found without one

@@ -197,6 +197,10 @@ def test_others_see_an_anonymized_holder_and_admin_sees_all(make_broker) -> None
         assert theirs["holder"] != bob.watch_info()["pseudonym"]
         seen = next(s for s in admin.status()["slices"] if s["state"] == "leased")
         assert seen["holder"] == "alice"
+        inspected = admin.lease(lease["id"])["lease"]  # an admin sees it, but not its key
+        assert inspected["owner"] == "alice" and inspected["key"] is None
+        assert inspected["executor"]["endpoint"] is None
+        assert alice.lease(lease["id"])["lease"]["key"] == lease["key"]  # the holder does
         with pytest.raises(E.NotPermitted):
             bob.release(lease["id"])
         with pytest.raises(E.NotPermitted):

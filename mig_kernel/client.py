@@ -23,7 +23,12 @@ import zmq
 from .channel import Channel
 from .remote import ExecutorConnection, Invocation, RemoteArray, RemoteObject, Route
 from .wire.arena import Arena
-from .wire.connection import ConnectionInfo, connection_file_path, read_connection_file
+from .wire.connection import (
+    AUTH_PEERCRED,
+    ConnectionInfo,
+    connection_file_path,
+    read_connection_file,
+)
 from .wire.errors import (
     AcquireTimeout,
     BrokerUnavailable,
@@ -35,6 +40,7 @@ from .wire.errors import (
 from .wire.reach import check_reachable
 
 QueuedCallback = Callable[[int, int], None]  # (position, queue length)
+ENV_HUB_TOKEN = "JUPYTERHUB_API_TOKEN"  # set by JupyterHub for a user's server and its kernels
 
 
 class BrokerClient:
@@ -70,9 +76,7 @@ class BrokerClient:
             ) from None
         if credentials is None:
             try:
-                hello = self.channel.call(
-                    "hello", {"user": getpass.getuser(), "pid": os.getpid(), **(claims or {})}
-                )
+                hello = self.channel.call("hello", self._hello_body(claims))
             except BaseException:
                 self.channel.close()
                 raise
@@ -83,6 +87,17 @@ class BrokerClient:
             self.session = {}
         self.client_id, self.key = credentials
         self.channel.key, self.channel.sender = self.key, self.client_id
+
+    def _hello_body(self, claims: dict[str, Any] | None) -> dict[str, Any]:
+        """Who this process says it is. A multi-user broker also gets the JupyterHub API token
+        of the server that started this process, if any: where hub users share one OS user, it
+        is how the broker tells them apart (it asks the hub whose token it is). The token goes
+        to no other broker: a single-user one identifies by its own key file."""
+        body: dict[str, Any] = {"user": getpass.getuser(), "pid": os.getpid()}
+        token = os.environ.get(ENV_HUB_TOKEN)
+        if token and self.info.auth == AUTH_PEERCRED:
+            body["hub_token"] = token
+        return {**body, **(claims or {})}
 
     def close(self) -> None:
         self.channel.close()

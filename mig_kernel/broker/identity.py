@@ -86,6 +86,11 @@ class IdentityProvider(LoggingConfigurable):
         """The user the broker's files and connection file speak for ("" if several)."""
         return ""
 
+    def executor_account(self, user: str, uid: int) -> Account:
+        """The OS account a multi-user broker's executor becomes for ``user``, who connected
+        as ``uid``: by default that uid's own account."""
+        return account_of(uid)
+
 
 class LocalUserIdentity(IdentityProvider):
     """Single-user: the caller read the 0600 connection file and connects as the broker's own

@@ -66,8 +66,11 @@ class LeasePolicy(LoggingConfigurable):
 
     # -- who ----------------------------------------------------------------------------
     def is_admin(self, who: Identity) -> bool:
+        """Named users and groups; root; and whoever the identity provider vouches for (a
+        JupyterHub admin)."""
         return (
-            who.uid == 0
+            who.admin
+            or (who.uid == 0 and who.user == "root")
             or who.user in self.admin_users
             or bool(self.admin_groups.intersection(who.groups))
         )

@@ -49,7 +49,6 @@ from .identity import (
     IdentityProvider,
     LocalUserIdentity,
     PeerCredentialIdentity,
-    account_of,
     group_names,
     pseudonym,
 )
@@ -311,7 +310,11 @@ class Broker(LoggingConfigurable):
 
     def _spill_path(self, lease: Lease) -> Path:
         """Where a lease's device data goes (places.py): multi-user, a directory of its owner."""
-        owner = account_of(self._owner_uid(lease)) if self.multi_user else None
+        owner = (
+            self.identity.executor_account(lease.owner, self._owner_uid(lease))
+            if self.multi_user
+            else None
+        )
         return self.places.spill_path(lease.id, owner)
 
     def _secret(self, name: str) -> bytes:
@@ -332,8 +335,9 @@ class Broker(LoggingConfigurable):
             record.broken = None  # a restart is a retry
         self.clients = self.store.load_clients()
         for client in self.clients.values():  # today's groups and admins, not the sign-in's
-            if self.multi_user:
-                client.groups = group_names(client.user)
+            if self.multi_user:  # OS users' groups (a hub user's come from the hub at hello)
+                client.groups = group_names(client.user) or client.groups
+            # A demoted admin loses the right now; a hub admin regains it at the next hello.
             client.admin = self.policy.is_admin(replace(client.identity, admin=False))
         self.leases = self.store.load_active_leases(now)
         self._reconcile(self.inventory.slices())
@@ -733,8 +737,8 @@ class Broker(LoggingConfigurable):
     def _send_become(self, ex: Executor, lease: Lease) -> None:
         """Ask a multi-user broker's executor to become the lease's holder (privileges.py)."""
         try:
-            account = account_of(self._owner_uid(lease))
-        except KeyError:
+            account = self.identity.executor_account(lease.owner, self._owner_uid(lease))
+        except (KeyError, E.AuthenticationError):
             self.log.error("lease %s: its owner %r has no OS account", lease.id, lease.owner)
             self._fail_grant(ex, f"user {lease.owner!r} has no account on this node")
             self._end_lease(lease, "slice_broken")

@@ -26,6 +26,7 @@ class BrokerProcess:
         *,
         connection_file: Path | None = None,
         lock_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.args = args
@@ -37,6 +38,7 @@ class BrokerProcess:
         # Its own per-GPU locks unless told otherwise: brokers of tests and benchmarks often
         # serve the same simulated GPU at once (and a developer's `make run` may, too).
         self.lock_dir = lock_dir or state_dir.parent / f"{state_dir.name}-locks"
+        self.extra_env = env or {}
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -45,6 +47,7 @@ class BrokerProcess:
         env["JUPYTER_CONFIG_PATH"] = ""
         env["MIG_KERNEL_LOCK_DIR"] = str(self.lock_dir)
         env.pop("MIG_KERNEL_BROKER", None)
+        env.update(self.extra_env)
         return env
 
     def start(self, timeout: float = 60.0) -> BrokerProcess:

@@ -22,13 +22,10 @@ import pytest
 
 from mig_kernel.testing import BrokerProcess, all_free
 
+from .support.accounts import PYTHONPATH, USERS, ensure_users
 from .test_gpu import REASON as GPU_REASON
 from .test_gpu import record
 
-REPO = Path(__file__).resolve().parents[1]
-# The users' processes import this checkout, and whatever else this process imports from.
-PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-USERS = ("mkt-alice", "mkt-bob")
 LAYOUT = "H100-80GB:4x1g.10gb"
 
 pytestmark = pytest.mark.skipif(
@@ -36,42 +33,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _traversable(path: Path) -> None:
-    """Let every user pass through ``path`` and its parents (o+x; nothing becomes listable
-    or readable that was not): the users' processes run this checkout's Python."""
-    for directory in [path, *path.parents]:
-        mode = directory.stat().st_mode
-        if not mode & 0o001:
-            directory.chmod(mode | 0o001)
-
-
 @pytest.fixture(scope="module")
 def os_users() -> dict[str, Any]:
-    """The test's OS users (created once with useradd; kept for later runs)."""
-    import pwd
-
-    for name in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            subprocess.run(["useradd", "--create-home", name], check=True)
-    reached = {Path(os.path.realpath(sys.executable)).parent, Path(sys.prefix), REPO}
-    reached.update(Path(p) for p in PYTHONPATH.split(os.pathsep) if os.path.isdir(p))
-    for path in reached:
-        _traversable(path)
-    accounts = {name: pwd.getpwnam(name) for name in USERS}
-    probe = subprocess.run(
-        [sys.executable, "-c", "import mig_kernel.client, tests.support.tenant"],
-        user=USERS[0],
-        group=accounts[USERS[0]].pw_gid,
-        extra_groups=[],
-        cwd="/",
-        env={"PYTHONPATH": PYTHONPATH, "HOME": accounts[USERS[0]].pw_dir},
-        capture_output=True,
-        text=True,
-    )
-    assert probe.returncode == 0, f"{USERS[0]} cannot run this Python: {probe.stderr}"
-    return accounts
+    return ensure_users()
 
 
 @contextlib.contextmanager
@@ -255,6 +219,26 @@ def test_another_users_lease_cannot_be_released_inspected_attached_or_reached(
     held = [s for s in status["slices"] if s["state"] == "leased"]
     others = [s for s in held if not s["mine"]]
     assert others and all(s["holder"].startswith("user-") and s["lease"] is None for s in others)
+
+
+def test_a_tampered_executor_never_serves_the_next_user(os_users: dict[str, Any]) -> None:
+    with multi_user_node("--backend", "sim", "--sim-layout", "H100-80GB:1g.10gb") as started:
+        connection_file = started["broker"].connection_file
+        alice = Driven(os_users[USERS[0]], connection_file)
+        bob = Driven(os_users[USERS[1]], connection_file)
+        try:
+            alice("connect")
+            tampered = alice("tamper")
+            assert tampered["tampered"] is True  # her code did rewrite its executor
+            alice("release")
+            got = bob("connect")  # the node's only slice, once it is free again
+            assert got.get("user") == USERS[1], got
+            me = bob("whoami")
+            assert me["uid"] == os_users[USERS[1]].pw_uid  # a fresh executor, as bob
+            assert bob("gpu")["module"] == "numpy"
+        finally:
+            alice.close()
+            bob.close()
 
 
 def test_a_hello_claiming_another_user_is_still_the_callers_uid(

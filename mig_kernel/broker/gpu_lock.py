@@ -68,7 +68,11 @@ class GpuLocks:
         """A lock dir that does not exist yet is made as /run/lock is: every user's broker may
         create its files there (1777), and only a file's owner may remove it (sticky)."""
         if not self.directory.exists():
-            self.directory.mkdir(parents=True, exist_ok=True)
+            old_umask = os.umask(0o022)  # its parents too: every user's broker passes them
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            finally:
+                os.umask(old_umask)
             os.chmod(self.directory, 0o1777)
 
     def _lock_one(self, gpu: GpuInfo, holder: dict[str, object]) -> None:

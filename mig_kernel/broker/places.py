@@ -38,7 +38,8 @@ from .identity import Account
 from .store import Store
 
 STATE_FILES = ("broker.sqlite", "broker.sqlite-wal", "broker.sqlite-shm", "broker.lock")
-NEEDED_CAPABILITIES = {"CAP_CHOWN": 0, "CAP_SETGID": 6, "CAP_SETUID": 7}  # bit numbers
+# bit numbers; CAP_KILL: executors that became their holders are the broker's to stop
+NEEDED_CAPABILITIES = {"CAP_CHOWN": 0, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7}
 
 
 class BrokerStartError(Exception):
@@ -55,8 +56,8 @@ def check_privileges() -> None:
     missing = [name for name, bit in NEEDED_CAPABILITIES.items() if not effective >> bit & 1]
     if missing:
         raise BrokerStartError(
-            f"--multi-user needs root or the capabilities CAP_SETUID, CAP_SETGID and "
-            f"CAP_CHOWN (missing: {', '.join(missing)}); see docs/deploy-multi-user.md"
+            f"--multi-user needs root or the capabilities CAP_SETUID, CAP_SETGID, CAP_CHOWN "
+            f"and CAP_KILL (missing: {', '.join(missing)}); see docs/deploy-multi-user.md"
         )
 
 

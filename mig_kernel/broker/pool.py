@@ -108,6 +108,7 @@ class ExecutorPool:
                 env=env,
                 start_new_session=True,  # a Ctrl-C at the broker's terminal is the broker's
                 close_fds=True,
+                cwd="/",  # `python -m` imports from its cwd first: never the broker's
                 pass_fds=(listen_fd,) if listen_fd is not None else (),
             )
         assert ex.popen.stdin is not None
@@ -194,7 +195,10 @@ class ExecutorPool:
     def kill(self, ex: Executor) -> None:
         with contextlib.suppress(ProcessLookupError):
             if self.alive(ex):
-                os.kill(ex.pid, signal.SIGKILL)
+                try:
+                    os.kill(ex.pid, signal.SIGKILL)
+                except PermissionError:  # it became a user; this broker lacks CAP_KILL
+                    log.error("cannot kill executor %s (pid %d): permission denied", ex.id, ex.pid)
 
     # -- replies -------------------------------------------------------------------------
     def receive(self, sock: zmq.Socket) -> tuple[str, Executor, Message | MigKernelError] | None:

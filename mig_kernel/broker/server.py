@@ -53,7 +53,7 @@ from .identity import (
     pseudonym,
 )
 from .metrics import BrokerMetrics
-from .places import Places, check_privileges
+from .places import BrokerStartError, Places, check_privileges
 from .policy import LeasePolicy
 from .pool import ExecutorPool
 from .state import (
@@ -118,10 +118,11 @@ class Broker(LoggingConfigurable):
     multi_user = Bool(
         False,
         help="Serve every local user (`mig-kernel broker --multi-user`): run as root (or a "
-        "service user with CAP_SETUID, CAP_SETGID and CAP_CHOWN); users are identified by "
-        "their socket's credentials (SO_PEERCRED), the connection file <runtime_dir>/broker.json "
-        "is public and holds no secret, and each executor becomes its lease holder's uid before "
-        "it serves them. Default: a single-user broker for the OS user running it.",
+        "service user with CAP_SETUID, CAP_SETGID, CAP_CHOWN and CAP_KILL); users are "
+        "identified by their socket's credentials (SO_PEERCRED), the connection file "
+        "<runtime_dir>/broker.json is public and holds no secret, and each executor becomes "
+        "its lease holder's uid before it serves them. Default: a single-user broker for the "
+        "OS user running it.",
     ).tag(config=True)
     runtime_dir = Unicode(
         "",
@@ -252,6 +253,11 @@ class Broker(LoggingConfigurable):
         self.pseudonym_secret = self._secret("pseudonym_secret")
         self.identity = self.identity_provider_class(parent=self)
         self.hello_key = self.identity.hello_key(self.connection_key)
+        if getattr(self.identity, "shared_uids", None) and self.executor_transport == IPC:
+            raise BrokerStartError(
+                "hub users who share an OS uid get executors of their own uid, which cannot "
+                "map their kernels' shared memory: run this broker with --executor-transport tcp"
+            )
         self.policy = LeasePolicy(parent=self)
         if not self.multi_user and not self.policy.admin_users and self.identity.user:
             self.policy.admin_users = {self.identity.user}
@@ -741,7 +747,8 @@ class Broker(LoggingConfigurable):
         except (KeyError, E.AuthenticationError):
             self.log.error("lease %s: its owner %r has no OS account", lease.id, lease.owner)
             self._fail_grant(ex, f"user {lease.owner!r} has no account on this node")
-            self._end_lease(lease, "slice_broken")
+            if lease.id in self.leases:  # not answered by _fail_grant (no grant was pending)
+                self._end_lease(lease, "slice_broken")
             return
         self.pool.request(ex, "become", account.to_json())
 
@@ -980,8 +987,19 @@ class Broker(LoggingConfigurable):
             record.lease_id = None
             ex = self.executors.get(record.executor_id or "")
             if ex is not None and ex.phase == "ready" and not self.stopping:
-                self.pool.rekey(ex)
+                self._retire_or_rekey(ex)
         self.dirty = True
+
+    def _retire_or_rekey(self, ex: Executor) -> None:
+        """After a lease: a single-user broker asks the executor whether it is still pristine
+        and keeps it if so (rekey); a multi-user broker never asks. Its tenant's code may have
+        run in that process, may have rewritten what the executor would answer, and may still
+        run there as the tenant's uid: whatever it says, it goes (stopped, killed after the
+        grace), and a fresh one is warmed."""
+        if self.multi_user:
+            self.pool.stop(ex)
+        else:
+            self.pool.rekey(ex)
 
     # -- views --------------------------------------------------------------------------
     def request_status(self, req: Incoming) -> dict[str, Any]:
@@ -1235,7 +1253,7 @@ class Broker(LoggingConfigurable):
             ):
                 self._send_become(ex, lease)  # a replacement for a held lease: its holder's
             if ex.key_lease is not None and ex.key_lease not in self.leases:
-                self.pool.rekey(ex)  # its key belongs to a lease that ended meanwhile
+                self._retire_or_rekey(ex)  # its key belongs to a lease that ended meanwhile
             elif record.lease_id is None and self._unwanted(ex, record):
                 self.pool.stop(ex)
             self.dirty = True

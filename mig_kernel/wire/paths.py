@@ -68,7 +68,11 @@ def secure_dir(
     path = Path(path)
     owner = os.geteuid() if uid is None else uid
     check_parent(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    old_umask = os.umask(0o022)  # parents hold nothing secret; others may need to pass them
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    finally:
+        os.umask(old_umask)
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)  # never follows a symlink at path; loosened below if asked
     try:

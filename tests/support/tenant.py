@@ -95,6 +95,37 @@ class Tenant:
         found["expected"] = float(np.arange(1 << 20, dtype=np.float64).sum())
         return found
 
+    def op_tamper(self) -> dict[str, Any]:
+        """Tenant code rewriting its own executor so that it claims to be pristine when the
+        lease ends, hoping to be handed to the next user as it is (a multi-user broker must
+        retire it whatever it claims)."""
+        assert self.session is not None
+
+        def tamper() -> dict[str, Any]:
+            import gc
+            import os as _os
+
+            from mig_kernel.executor.server import ExecutorServer
+
+            for obj in gc.get_objects():
+                if isinstance(obj, ExecutorServer):
+                    server = obj
+
+                    def pristine(msg: Any, route: bytes, server: Any = server) -> dict[str, Any]:
+                        server.tenant_key = bytes.fromhex(msg.body["key"])
+                        return {"pristine": True}
+
+                    def become(msg: Any, route: bytes) -> dict[str, Any]:
+                        return {"uid": 0, "gid": 0, "user": msg.body["user"]}  # a lie
+
+                    server.touched = False
+                    server.control_rekey = pristine
+                    server.control_become = become
+                    return {"tampered": True, "pid": _os.getpid()}
+            return {"tampered": False, "pid": _os.getpid()}
+
+        return self.session.run(tamper)
+
     def op_probe(self, paths: list[str]) -> dict[str, Any]:
         assert self.session is not None
         return self.session.run(probe_on_slice, paths)

@@ -153,10 +153,19 @@ def test_hub_users_sharing_an_os_user_are_told_apart_by_their_tokens() -> None:
         hub: Hub = node["hub"]
         alice, bob = hub.login("hubalice"), hub.login("hubbob")
         alice_kernel, alice_uid = run_gpu_cell(alice)
-        _, bob_uid = run_gpu_cell(bob)
+        bob_kernel, bob_uid = run_gpu_cell(bob)
         # Executors of their own: never root (the servers' uid), never each other's.
         assert 61000 <= alice_uid <= 61999 and 61000 <= bob_uid <= 61999
         assert alice_uid != bob_uid
+        # ... and bob's code on his slice cannot look into alice's executor's home.
+        alice_home = node["base"] / "homes" / f"uid-{alice_uid}"
+        assert alice_home.is_dir() and alice_home.stat().st_uid == alice_uid
+        probe = bob.execute(
+            bob_kernel,
+            f"%%gpufunc\ntry:\n    __import__('os').listdir({str(alice_home)!r})\n"
+            f"    print('READ')\nexcept PermissionError:\n    print('DENIED')",
+        )
+        assert probe["stdout"].strip() == "DENIED", probe
         # Each holds one slice although the limit is one per user: two identities, not one.
         for user in (alice, bob):
             view = my_slices(user)

@@ -287,6 +287,35 @@ async def test_a_waiting_kernel_is_queued_with_its_position(
             thread.join(35)
 
 
+async def test_an_admin_releases_any_lease(jp_fetch: Fetch, node: BrokerProcess) -> None:
+    """The server's user is the single-user broker's admin: it may end a lease of no kernel
+    of this server, through ``POST leases/<id>/release``; ``slices`` says it is an admin."""
+    with mig_kernel.client.BrokerClient(node.connection_file) as other:
+        lease = other.acquire(wait=False)
+        state = await get_json(jp_fetch, "slices")
+        assert state["admin"] is True
+        reply = await get_json(jp_fetch, "leases", lease["id"], "release", method="POST", body="{}")
+        assert reply == {"released": lease["id"]}
+        assert other.heartbeat([lease["id"]])[lease["id"]]["state"] == "ended"
+
+
+async def test_a_non_admin_cannot_release_anothers_lease(
+    jp_fetch: Fetch, make_broker: Callable[..., BrokerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = make_broker(layout=LAYOUT, multi_user=True)  # users as claimed; "admin" is admin
+    monkeypatch.setenv("MIG_KERNEL_BROKER", str(broker.connection_file))
+    with broker.client("alice") as alice:
+        lease = alice.acquire(wait=False)
+        state = await get_json(jp_fetch, "slices")
+        assert state["admin"] is False
+        code, reply = await refused(
+            jp_fetch, "leases", lease["id"], "release", method="POST", body="{}"
+        )
+        assert code == 403 and "belongs to another user" in reply["message"]
+        assert alice.heartbeat([lease["id"]])[lease["id"]]["state"] == "active"
+        alice.release(lease["id"])
+
+
 async def test_unknown_kernel_is_404_json(jp_fetch: Fetch, node: BrokerProcess) -> None:
     for parts, method in ((("lease",), "GET"), (("release",), "POST")):
         body = "{}" if method == "POST" else None

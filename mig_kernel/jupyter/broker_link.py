@@ -38,9 +38,11 @@ class BrokerPool:
     another broker (restarted, or a new state dir) or the broker no longer knows the session,
     the pool starts over with a fresh hello.
 
-    The session is the server's OS user (single-user server, ``LocalUserIdentity``). Under
-    JupyterHub each request would need the hub user's identity instead (a session per user,
-    claims from ``handler.current_user``); that comes with the hub identity provider.
+    The session is the server's user: its OS user (the kernel of the socket says so), or,
+    on a JupyterHub node where hub users share an OS user, the hub user whose server this is
+    (the server's own ``JUPYTERHUB_API_TOKEN`` travels in the hello, see
+    broker/hub_identity.py). A single-user server serves one hub user, so one session speaks
+    for every request it gets.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class BrokerPool:
         self.timeout = timeout
         self.size = size  # idle clients kept; more threads at once get a socket of their own
         self.pseudonym: str | None = None  # how the server's user appears to other users
+        self.admin = False  # whether the server's user is a broker admin
         self._lock = threading.Lock()
         self._idle: list[BrokerClient] = []
         self._credentials: tuple[str, bytes] | None = None
@@ -95,6 +98,7 @@ class BrokerPool:
         with self._lock:
             self._credentials = (client.client_id, client.key)
             self.pseudonym = client.session.get("pseudonym")
+            self.admin = bool(client.session.get("admin"))
         return client
 
     def _give_back(self, client: BrokerClient) -> None:

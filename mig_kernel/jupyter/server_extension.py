@@ -157,6 +157,7 @@ def _load_jupyter_server_extension(serverapp: ServerApp) -> None:
             (url_path_join(base, "slices"), SlicesHandler),
             (url_path_join(base, kernel, "lease"), KernelLeaseHandler),
             (url_path_join(base, kernel, "release"), KernelReleaseHandler),
+            (url_path_join(base, r"/leases/(?P<lease_id>[^/]+)/release"), LeaseReleaseHandler),
         ],
     )
     serverapp.log.info("mig-kernel: GPU slice API at %s", base)
@@ -187,17 +188,22 @@ def kernel_of(tag: str | None, kernels: Iterable[str]) -> str | None:
 
 
 def node_view(
-    status: dict[str, Any], seq: int, pseudonym: str | None, kernels: Iterable[str]
+    status: dict[str, Any],
+    seq: int,
+    pseudonym: str | None,
+    kernels: Iterable[str],
+    admin: bool = False,
 ) -> dict[str, Any]:
-    """``GET slices``: status plus seq and pseudonym; one's own slices and queued requests
-    that belong to a kernel of this server name it (``kernel_id``, else null)."""
+    """``GET slices``: status plus seq, pseudonym and whether the viewer is a broker admin
+    (who may release any lease: ``POST leases/<id>/release``); one's own slices and queued
+    requests that belong to a kernel of this server name it (``kernel_id``, else null)."""
     kernels = set(kernels)
     for entry in status.get("slices", []):
         lease = entry.get("lease") or {}
         entry["kernel_id"] = kernel_of(lease.get("tag"), kernels) if entry.get("mine") else None
     for entry in status.get("queue", []):
         entry["kernel_id"] = kernel_of(entry.get("tag"), kernels) if entry.get("mine") else None
-    return {**status, "seq": seq, "pseudonym": pseudonym}
+    return {**status, "seq": seq, "pseudonym": pseudonym, "admin": admin}
 
 
 def kernel_lease_view(
@@ -307,7 +313,8 @@ class SlicesHandler(MigApiHandler):
 
         status, seq = await self.broker(lambda c: status_and_seq(c, seq))
         kernels = self.kernel_manager.list_kernel_ids()
-        self.finish(json.dumps(node_view(status, seq, self.api.pool.pseudonym, kernels)))
+        pool = self.api.pool
+        self.finish(json.dumps(node_view(status, seq, pool.pseudonym, kernels, pool.admin)))
 
     _waiting: asyncio.Future[bool] | None = None
     _closed = False
@@ -348,4 +355,15 @@ class KernelReleaseHandler(MigApiHandler):
         reply = await self.broker(release)
         if reply is None:
             raise ApiError(404, f"kernel {kernel_id} holds no GPU slice", "no_lease")
+        self.finish(json.dumps(reply))
+
+
+class LeaseReleaseHandler(MigApiHandler):
+    @web.authenticated
+    @authorized
+    async def post(self, lease_id: str) -> None:
+        """An admin ends any lease (its device data is dropped: the holder's next GPU cell
+        leases anew and is told the data is lost). The broker decides who may: anyone else
+        gets its refusal as a 403."""
+        reply = await self.broker(lambda c: c.release(lease_id))
         self.finish(json.dumps(reply))

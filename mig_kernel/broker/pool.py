@@ -30,6 +30,7 @@ from ..wire.transport import IPC, TCP, reserve_tcp_port
 from .state import Executor, new_id
 
 log = logging.getLogger("mig_kernel.broker")
+CONTROL_REPLY_MAX = 1 << 20  # bytes: ready, rekey, stats, become, spill and restore reports
 
 
 class ExecutorPool:
@@ -154,6 +155,9 @@ class ExecutorPool:
         sock = self.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the executor binds once warm; notice it fast
+        # Control replies are small; on a multi-user node the executor runs its tenant's code
+        # and may say anything: a larger message drops the connection instead of the memory.
+        sock.setsockopt(zmq.MAXMSGSIZE, CONTROL_REPLY_MAX)
         sock.connect(ex.endpoint)
         ex.socket = sock
         ex.phase = "starting"

@@ -92,24 +92,24 @@ class Hub:
 
     def login(self, name: str, password: str = PASSWORD, note: str = "mig-kernel test") -> HubUser:
         """Log in with the hub's form (as a browser would) and take a token for the API."""
-        session = requests.Session()
-        session.get(f"{self.url}/hub/login", timeout=10)
-        xsrf = session.cookies.get("_xsrf", "")
-        answer = session.post(
-            f"{self.url}/hub/login",
-            data={"username": name, "password": password, "_xsrf": xsrf},
-            allow_redirects=False,
-            timeout=30,
-        )
-        if answer.status_code != 302:
-            raise AssertionError(f"login of {name} failed: {answer.status_code} {answer.text}")
-        made = session.post(
-            f"{self.url}/hub/api/users/{name}/tokens",
-            json={"note": note, "expires_in": 3600},
-            headers={"X-XSRFToken": session.cookies.get("_xsrf", xsrf)},
-            timeout=10,
-        )
-        made.raise_for_status()
+        with requests.Session() as session:
+            session.get(f"{self.url}/hub/login", timeout=10)
+            xsrf = session.cookies.get("_xsrf", "")
+            answer = session.post(
+                f"{self.url}/hub/login",
+                data={"username": name, "password": password, "_xsrf": xsrf},
+                allow_redirects=False,
+                timeout=30,
+            )
+            if answer.status_code != 302:
+                raise AssertionError(f"login of {name} failed: {answer.status_code} {answer.text}")
+            made = session.post(
+                f"{self.url}/hub/api/users/{name}/tokens",
+                json={"note": note, "expires_in": 3600},
+                headers={"X-XSRFToken": session.cookies.get("_xsrf", xsrf)},
+                timeout=10,
+            )
+            made.raise_for_status()
         return HubUser(self, name, made.json()["token"])
 
 

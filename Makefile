@@ -7,7 +7,7 @@ LABEXT := mig_kernel/labextension/package.json
 LABEXT_SOURCES := $(wildcard labextension/src/*.ts labextension/style/*.css labextension/style/*.js) \
 	labextension/package.json labextension/tsconfig.json
 
-.PHONY: run test lint venv labextension bench
+.PHONY: run test lint venv labextension bench browser
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,8 +32,19 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Everything CI runs. The browser test (tests/test_browser.py) drives Debian's Chromium; where it
+# is missing, pytest skips that test and this says so, with the one command that installs it.
 test: lint $(LABEXT)
+	@command -v chromium >/dev/null || echo "make test: no chromium, so tests/test_browser.py \
+	is skipped; 'make browser' installs it (apt-get install chromium fonts-dejavu-core)" >&2
 	$(PY) -m pytest
+
+# Debian's Chromium and a font for the browser test's screenshots (Playwright never downloads a
+# browser here); as root, or through sudo.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium fonts-dejavu-core
 
 # The CPU half of the performance report (docs/performance.md): Ray, Dask and matplotlib too.
 bench: $(VENV)/.installed

@@ -3,6 +3,10 @@
 Run it after editing a cell here (``python demos/build_demos.py``); the notebooks are written
 without outputs, with fixed cell ids so that a rebuild changes only what was edited. Cells whose
 output the notebook tests check carry the tag ``mig-check``.
+
+Each notebook has one cell tagged ``parameters`` (papermill's convention) holding every value a
+run may change; the cells after it read those names only, so ``papermill -p N_POINTS 1024``
+(which adds its own cell after that one) changes the whole run.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 CHECK = "mig-check"
+PARAMETERS = "parameters"  # papermill injects its values in a cell right after this one
 
-KERNELSPEC = {"name": "mig-python3", "display_name": "Python 3 (MIG slice)", "language": "python"}
+# The name `mig-kernel lab` installs; its copy of the demos carries the installed display name.
+KERNELSPEC = {"name": "mig-python3", "display_name": "GPU slice (any)", "language": "python"}
 
 # A cell is (kind, id, source) or (kind, id, source, tags); kind is "md" or "code".
 Cell = tuple
@@ -56,7 +62,17 @@ and the lease id. Isolation tells you what you share with other users:
         """\
 ## 2. Data in the notebook
 
-An ordinary cell: it runs in the kernel, on the CPU, exactly as in any Python notebook.""",
+Ordinary cells: they run in the kernel, on the CPU, exactly as in any Python notebook. The first
+holds the notebook's parameters (tagged `parameters`, so `papermill -p N_POINTS 1024` runs it
+with other values).""",
+    ),
+    (
+        "code",
+        "parameters",
+        """\
+N_POINTS = 4096  # length of the signal
+SEED = 0  # of the random generator""",
+        [PARAMETERS],
     ),
     (
         "code",
@@ -66,8 +82,8 @@ import numpy as np
 
 import mig_kernel
 
-rng = np.random.default_rng(0)
-x = rng.standard_normal(4096)
+rng = np.random.default_rng(SEED)
+x = rng.standard_normal(N_POINTS)
 print(x.shape, x.dtype)""",
     ),
     (
@@ -124,7 +140,7 @@ the data never leaves the slice.""",
         """\
 %%gpufunc
 z = y * 2
-print("on the slice y is a", type(y).__module__.split(".")[0], "array")""",
+print("on the slice y is a", xp.__name__, "array")""",
     ),
     (
         "code",
@@ -273,7 +289,17 @@ Network: conv 3x3 (1 -> 8) -> ReLU -> max-pool 2x2 -> conv 3x3 (8 -> 16) -> ReLU
 ## 1. Images and weights, made on the host
 
 Rings, squares, crosses and strokes with noise, normalized as one would normalize MNIST; and
-He-initialized weights from a seeded generator. Ordinary cells, running in the kernel.""",
+He-initialized weights from a seeded generator. Ordinary cells, running in the kernel; the
+first holds the notebook's parameters (tagged `parameters`, for papermill).""",
+    ),
+    (
+        "code",
+        "parameters",
+        """\
+N_IMAGES = 256  # images in the batch
+REPS = 10  # timed passes over the batch
+STREAM_CHUNKS = 4  # pipelined calls in section 7, each of N_IMAGES images""",
+        [PARAMETERS],
     ),
     (
         "code",
@@ -283,7 +309,6 @@ import numpy as np
 
 import mig_kernel
 
-N_IMAGES = 256
 MEAN, STD = 0.1, 0.25  # normalization of the pixel values
 
 
@@ -435,8 +460,9 @@ print("weights held on the slice:", w1.shape, w2.shape, w3.shape)""",
 ## 4. Inference on the slice, timed
 
 The batch goes to the device once. The first pass is a warm-up (a GPU slice compiles its
-kernels there); then ten timed passes. `float(probs_dev.sum())` waits for the device to finish
-before the clock stops (each row sums to 1, so it is about 256). The results stay on the slice.""",
+kernels there); then `REPS` timed passes. `float(probs_dev.sum())` waits for the device to
+finish before the clock stops (each row sums to 1, so it is about `N_IMAGES`). The results stay
+on the slice.""",
     ),
     (
         "code",
@@ -447,7 +473,7 @@ import time
 
 batch = xp.asarray(images)
 forward(xp, batch, w1, b1, w2, b2, w3, b3)  # warm-up
-reps = 10
+reps = REPS
 t0 = time.perf_counter()
 for _rep in range(reps):
     probs_dev = forward(xp, batch, w1, b1, w2, b2, w3, b3)
@@ -522,8 +548,8 @@ def classify(chunk, w1, b1, w2, b2, w3, b3):
 
 
 session = mig_kernel.current_session()
-stream = preprocess(render_images(4 * N_IMAGES, np.random.default_rng(3)))
-chunks = np.split(stream, 4)
+stream = preprocess(render_images(STREAM_CHUNKS * N_IMAGES, np.random.default_rng(3)))
+chunks = np.split(stream, STREAM_CHUNKS)
 futures = [session.submit(classify, c, w1, b1, w2, b2, w3, b3, to_host=True) for c in chunks]
 stream_probs = np.concatenate([f.result() for f in futures])
 

@@ -18,7 +18,7 @@ from traitlets.config import Application, catch_config_error
 from . import __version__
 from .broker.identity import LocalUserIdentity, PeerCredentialIdentity
 from .broker.places import BrokerStartError
-from .broker.policy import LeasePolicy
+from .broker.policy import LeasePolicy, limit_trait
 from .broker.server import Broker
 from .client import BrokerClient
 from .jupyter import kernelspec
@@ -340,6 +340,13 @@ class LabApp(BaseApp):
     share = Int(1, help="A started broker splits each GPU without MIG into N slices.").tag(
         config=True
     )
+    per_user_limit = limit_trait(
+        "all",
+        help="Slices you may hold at once on a broker this command starts: 'all' (the default: "
+        "one person at the machine, one slice per notebook, as many as the node has) or a "
+        "number; a notebook beyond it waits in the queue, told which of your notebooks to "
+        "release. A broker already running keeps its own limit (LeasePolicy.per_user_limit).",
+    ).tag(config=True)
     state_dir = Unicode(
         "",
         help="The broker's state dir (default: $MIG_KERNEL_STATE_DIR, else "
@@ -351,8 +358,8 @@ class LabApp(BaseApp):
     open_browser = Bool(True, help="Open JupyterLab in a browser.").tag(config=True)
     root_dir = Unicode(
         "",
-        help="JupyterLab's root folder (default: the checkout's demos/, else a copy of the "
-        "packaged demos in ./mig-kernel-demos).",
+        help="JupyterLab's root folder (default: ~/mig-kernel-demos, a copy of the demos that "
+        "JupyterLab may change; the checkout or the package stays as it is).",
     ).tag(config=True)
     kernelspec_prefix = Unicode(
         "",
@@ -363,6 +370,7 @@ class LabApp(BaseApp):
         "backend": "LabApp.backend",
         "sim-layout": "LabApp.sim_layout",
         "share": "LabApp.share",
+        "per-user-limit": "LabApp.per_user_limit",
         "state-dir": "LabApp.state_dir",
         "port": "LabApp.port",
         "root-dir": "LabApp.root_dir",
@@ -375,6 +383,7 @@ class LabApp(BaseApp):
             backend=self.backend,
             sim_layout=self.sim_layout,
             share=self.share,
+            per_user_limit=self.per_user_limit,
             state_dir=self.state_dir,
             port=self.port,
             open_browser=self.open_browser,

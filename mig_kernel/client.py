@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -39,8 +39,24 @@ from .wire.errors import (
 )
 from .wire.reach import check_reachable
 
-QueuedCallback = Callable[[int, int], None]  # (position, queue length)
+# (position, queue length, why it waits: one line naming, at the user's limit, their notebooks)
+QueuedCallback = Callable[[int, int, str], None]
 ENV_HUB_TOKEN = "JUPYTERHUB_API_TOKEN"  # set by JupyterHub for a user's server and its kernels
+EXECUTOR_REPLACE_WAIT = 60.0  # seconds a call waits for the broker to replace a lost executor
+ENV_SESSION_NAME = "JPY_SESSION_NAME"  # jupyter_server: the notebook path of a kernel it starts
+
+
+def notebook_label(env: Mapping[str, str] | None = None) -> str | None:
+    """What the user calls the process holding a lease: the notebook of a kernel that
+    jupyter_server started (``$JPY_SESSION_NAME``, with the home directory written ``~``).
+    The broker names it when the user's slices hold back another request of theirs."""
+    path = (os.environ if env is None else env).get(ENV_SESSION_NAME)
+    if not path:
+        return None
+    home = os.path.expanduser("~")
+    if home not in ("", "/") and path.startswith(home + os.sep):
+        return "~" + path[len(home) :]
+    return path
 
 
 class BrokerClient:
@@ -129,15 +145,19 @@ class BrokerClient:
         restore: str | None = None,
         idle_timeout: float | None = None,
         tag: str | None = None,
+        label: str | None = None,
     ) -> dict[str, Any]:
         """Lease a slice; waits in the broker's FIFO queue unless ``wait=False``. ``restore``
         names an idle-reclaimed (or suspended) lease whose spilled device data the new executor
         loads (the reply's ``restored`` says how it went). ``idle_timeout`` asks for a shorter
-        idle reclaim than the broker's; ``tag`` labels the lease for ``leases(tag=...)``.
+        idle reclaim than the broker's; ``tag`` labels the lease for ``leases(tag=...)``;
+        ``label`` is what the user calls its holder (default: this kernel's notebook).
 
         While queued the request is re-sent every ``queue_keepalive`` seconds (the broker drops
         waiters that stop doing so, and a restarted broker learns of the waiter again); each
-        answer reports the position. An interrupt or the timeout cancels the request.
+        answer reports the position and why it waits (a request beyond the user's limit waits
+        for one of their own slices, which the answer names). An interrupt or the timeout
+        cancels the request.
         """
         ticket = "T-" + os.urandom(8).hex()
         body = {
@@ -149,6 +169,7 @@ class BrokerClient:
             "restore": restore,
             "idle_timeout": idle_timeout,
             "tag": tag,
+            "label": label or notebook_label(),
         }
         keepalive = float(self.session.get("queue_keepalive", 1.0))
         deadline = time.monotonic() + timeout if timeout is not None else None
@@ -169,7 +190,11 @@ class BrokerClient:
                         if reply.get("status") == "granted":
                             return {**reply["lease"], "restored": reply.get("restored")}
                         if on_queued is not None:
-                            on_queued(int(reply["position"]), int(reply["queue_length"]))
+                            on_queued(
+                                int(reply["position"]),
+                                int(reply["queue_length"]),
+                                str(reply.get("reason") or ""),
+                            )
                     if deadline is not None and time.monotonic() >= deadline:
                         raise AcquireTimeout(f"no slice granted within {timeout:g} s")
             except BaseException:
@@ -274,6 +299,7 @@ class Session:
             "memory": None,
             "idle_timeout": None,
             "tag": None,
+            "label": None,
             **(lease.get("request") or {}),
             **(request or {}),
         }
@@ -287,11 +313,15 @@ class Session:
         self._last_call = time.monotonic()
         self._held_epochs: frozenset[int] = frozenset()  # handle epochs kept over a suspend
         self._arena = Arena(self.id.removeprefix("L-"))
-        self._route = Route(connect=self._connection)
+        self._route = Route(connect=self._connection, where=self._where)
         self._conn: ExecutorConnection | None = None
         self._inherit: frozenset[int] = frozenset()  # handle epochs the next connection keeps
         self._start_heartbeat(lease)
         _open_sessions.add(self)
+
+    def _where(self) -> str:
+        """The slice this session's data is on, as RemoteArray's repr names it."""
+        return f"{self.slice['id']} ({self.profile})"
 
     def _start_heartbeat(self, lease: dict[str, Any]) -> None:
         self._state: dict[str, Any] = {"ended": None, "generation": self.generation}
@@ -316,6 +346,7 @@ class Session:
             memory=self.request.get("memory"),
             idle_timeout=self.request.get("idle_timeout"),
             tag=self.request.get("tag"),
+            label=self.request.get("label"),
             restore=old_id,
             on_queued=self.on_queued,
         )
@@ -368,6 +399,13 @@ class Session:
     def idle_seconds(self) -> float | None:
         """Seconds since the slice last did work for this lease, as of the last heartbeat."""
         return self._state.get("idle_seconds")
+
+    @property
+    def executor_lost(self) -> str | None:
+        """Why the connection to the lease's executor was lost (its device data with it), or
+        None while it works; an interrupted call says so to the user."""
+        conn = self._conn
+        return conn.lost if conn is not None else None
 
     @property
     def idle_timeout(self) -> float:
@@ -462,6 +500,8 @@ class Session:
 
     def _connection(self) -> ExecutorConnection:
         self._check_held()
+        if self._conn is not None and self._conn.lost and self._conn.generation == self.generation:
+            self._await_replacement()
         if self._state.get("generation", 0) != self.generation or self.executor_endpoint is None:
             self.refresh()
         conn = self._conn
@@ -485,6 +525,19 @@ class Session:
             self._inherit = frozenset()
             self._conn = conn
         return conn
+
+    def _await_replacement(self, limit: float = EXECUTOR_REPLACE_WAIT) -> None:
+        """The executor died or was stopped (a call past its timeout): the broker starts a new
+        one for the lease (a new generation). Wait for it, so the next call goes there instead
+        of failing again on the dead one; after ``limit`` seconds the call finds out itself."""
+        deadline = time.monotonic() + limit
+        lost = self.generation
+        while time.monotonic() < deadline:
+            self.refresh()
+            if self.generation != lost and self.executor_endpoint is not None:
+                self._state["generation"] = self.generation  # before the next heartbeat says so
+                return
+            time.sleep(0.1)
 
     def submit(
         self,

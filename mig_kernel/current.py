@@ -75,9 +75,9 @@ class SliceHolder:
         )
 
     # -- getting the session ---------------------------------------------------------------
-    def _queued(self, position: int, length: int) -> None:
+    def _queued(self, position: int, length: int, reason: str = "") -> None:
         if self.on_queued is not None:
-            self.on_queued(position, length)
+            self.on_queued(position, length, reason)
 
     def _reacquired(self, info: dict[str, Any]) -> None:
         session = self.session

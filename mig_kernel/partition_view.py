@@ -11,11 +11,18 @@ other users.
 Themes: fills are mid-tones (readable against a light and a dark page), and the text on each
 fill is black or white, whichever contrasts more (WCAG ratio, at least 4.5 for every state).
 Colour is never the only cue: each slice carries its state as text.
+
+The viewer's slices: the one held by this notebook's kernel (``this_slice``) says "this
+notebook" with a thick border; the user's others say "yours" with a thinner one. A slice
+running a call says "computing". Memory reads ``0.38/9.75 GiB`` here, in ``%gpu status``, the
+status bar and the side panel alike. Each slice is four short lines at most, so eight slots in
+a row and four GPUs (28 slices) stay readable.
 """
 
 from __future__ import annotations
 
 import html
+import math
 import time
 from typing import Any
 
@@ -35,8 +42,10 @@ STATE_FILLS: dict[str, str] = {
 UNKNOWN_FILL = "#9aa0a6"  # a state this version does not know: still labelled with its name
 DARK_TEXT, LIGHT_TEXT = "#111111", "#ffffff"
 # Theme-aware where JupyterLab's variables exist, a dark fallback elsewhere (on a mid-tone fill).
-MINE_BORDER = "3px solid var(--jp-ui-font-color0, #1a1a1a)"
+THIS_BORDER = "3px solid var(--jp-ui-font-color0, #1a1a1a)"
+MINE_BORDER = "2px dashed var(--jp-ui-font-color0, #1a1a1a)"
 OTHER_BORDER = "1px solid rgba(127, 127, 127, 0.7)"
+COMPUTING = 0.01  # a busy share from which a slice shows as computing
 
 
 def _luminance(colour: str) -> float:
@@ -66,11 +75,20 @@ def _number(value: Any) -> float | None:
 
 
 def _gib(nbytes: Any) -> str:
-    return f"{(_number(nbytes) or 0.0) / GiB:.2f}"
+    """Two decimals, halves rounded up, as JavaScript's ``toFixed`` in the side panel does
+    (Python's format rounds 19.625 to 19.62, the panel to 19.63)."""
+    hundredths = math.floor((_number(nbytes) or 0.0) / GiB * 100 + 0.5)
+    return f"{hundredths // 100}.{hundredths % 100:02d}"
+
+
+def memory_text(used: Any, total: Any) -> str:
+    """``0.38/9.75 GiB``: the one memory format of every display."""
+    return f"{_gib(used)}/{_gib(total)} GiB"
 
 
 def _clock(seconds: float) -> str:
-    whole = max(0, int(seconds + 0.5))
+    """``9:32``; rounded up, as the side panel, so 0:00 means gone."""
+    whole = max(0, math.ceil(seconds))
     return f"{whole // 60}:{whole % 60:02d}"
 
 
@@ -99,39 +117,44 @@ def _idle_text(entry: dict[str, Any], elapsed: float) -> str | None:
     if not entry.get("mine") or entry.get("state") not in ("leased", "draining"):
         return None
     left = idle_left(entry, elapsed)
-    if left is not None:
-        return f"idle release in {_clock(left)}"
+    if left is not None:  # the status bar's and the panel's wording: time left before release
+        return f"idle {_clock(left)}"
     limit = _number((entry.get("lease") or {}).get("idle_timeout"))
     if limit is not None and limit <= 0:
         return "no idle release"
     idle = _number(entry.get("idle_seconds"))
-    return f"idle {_clock(idle + elapsed)}" if idle is not None else None
+    return f"idle for {_clock(idle + elapsed)}" if idle is not None else None
 
 
-def _slice_html(entry: dict[str, Any], column: str, elapsed: float) -> str:
+def _slice_html(entry: dict[str, Any], column: str, elapsed: float, this: bool) -> str:
     state = str(entry.get("state") or "unknown")
     fill = STATE_FILLS.get(state, UNKNOWN_FILL)
     mine = bool(entry.get("mine"))
     placement = entry.get("placement") or {}
     busy = _number(entry.get("busy"))
+    held = state in ("leased", "draining")
     lines = [
         f'<div class="mig-slice-head"><b class="mig-profile">{_e(entry.get("profile"))}</b> '
-        f'<span class="mig-slice-id">{_e(entry.get("id"))}</span></div>',
-        f'<div class="mig-state" style="font-weight:600;text-transform:uppercase">{_e(state)}'
-        "</div>",
+        f'<span class="mig-state" style="font-weight:600;text-transform:uppercase">{_e(state)}'
+        f'</span> <span class="mig-isolation">{_e(entry.get("isolation"))}</span></div>',
     ]
-    if mine:
+    if this:
+        lines.append(
+            '<div class="mig-holder mig-this-notebook" style="font-weight:700">this notebook</div>'
+        )
+    elif mine:
         lines.append('<div class="mig-holder mig-yours" style="font-weight:700">yours</div>')
     elif entry.get("holder"):
         lines.append(f'<div class="mig-holder">{_e(entry["holder"])}</div>')
-    lines += [
-        f'<div class="mig-isolation">{_e(entry.get("isolation"))}</div>',
-        f'<div class="mig-memory">{_gib(entry.get("memory_used"))} / '
-        f"{_gib(entry.get('memory_total'))} GiB</div>",
-        f'<div class="mig-busy">busy {f"{busy * 100:.0f}%" if busy is not None else "-"}</div>',
-    ]
+    lines.append(
+        f'<div class="mig-memory">'
+        f"{memory_text(entry.get('memory_used'), entry.get('memory_total'))}</div>"
+    )
+    computing = held and busy is not None and busy >= COMPUTING
     idle = _idle_text(entry, elapsed)
-    if idle:
+    if computing:  # instead of the idle clock: it is not idle
+        lines.append(f'<div class="mig-busy">computing {busy * 100:.0f}%</div>')
+    elif idle:
         lines.append(f'<div class="mig-idle">{_e(idle)}</div>')
     if entry.get("broken_reason"):
         lines.append(f'<div class="mig-broken-reason">{_e(entry["broken_reason"])}</div>')
@@ -142,11 +165,17 @@ def _slice_html(entry: dict[str, Any], column: str, elapsed: float) -> str:
     )
     if entry.get("sms"):
         title += f" | {entry['sms']} SMs"
-    classes = f"mig-slice mig-state-{_e(state)}" + (" mig-mine" if mine else "")
+    classes = (
+        f"mig-slice mig-state-{_e(state)}"
+        + (" mig-mine" if mine else "")
+        + (" mig-this" if this else "")
+        + (" mig-computing" if computing else "")
+    )
+    border = THIS_BORDER if this else (MINE_BORDER if mine else OTHER_BORDER)
     style = (
         f"grid-column:{column};background:{fill};color:{text_colour(fill)};"
-        f"border:{MINE_BORDER if mine else OTHER_BORDER};border-radius:4px;padding:4px 6px;"
-        "min-width:0;overflow-wrap:anywhere;line-height:1.3"
+        f"border:{border};border-radius:4px;padding:3px 5px;"
+        "min-width:0;overflow-wrap:anywhere;line-height:1.25"
     )
     slot_attrs = ""
     if _has_placement(entry):
@@ -180,7 +209,9 @@ def _grid(columns: int, cells: list[str]) -> str:
     )
 
 
-def _gpu_html(gpu: dict[str, Any], entries: list[dict[str, Any]], elapsed: float) -> str:
+def _gpu_html(
+    gpu: dict[str, Any], entries: list[dict[str, Any]], elapsed: float, this_slice: str | None
+) -> str:
     placed = [s for s in entries if _has_placement(s)]
     shared = [s for s in entries if not _has_placement(s)]
     slots = memory_slots(gpu, placed) if placed else 0
@@ -203,12 +234,13 @@ def _gpu_html(gpu: dict[str, Any], entries: list[dict[str, Any]], elapsed: float
         for s in sorted(placed, key=lambda s: int(s["placement"]["start"])):
             start, size = int(s["placement"]["start"]), int(s["placement"]["size"])
             used.update(range(start, start + size))
-            cells.append(_slice_html(s, f"{start + 1} / span {size}", elapsed))
+            this = this_slice is not None and s.get("id") == this_slice
+            cells.append(_slice_html(s, f"{start + 1} / span {size}", elapsed, this))
         for slot in sorted(set(range(slots)) - used):
-            cells.append(
+            cells.append(  # the side panel's word too: memory no instance was made on
                 f'<div class="mig-slot-unused" data-slot-start="{slot}" data-slot-size="1" '
                 f'style="grid-column:{slot + 1} / span 1;border:1px dashed rgba(127,127,127,0.7);'
-                'border-radius:4px;padding:4px 6px;opacity:0.8">unused</div>'
+                'border-radius:4px;padding:3px 5px;opacity:0.8">unallocated</div>'
             )
         ruler = [
             f'<div class="mig-slot-number" style="grid-column:{slot + 1} / span 1;'
@@ -220,7 +252,10 @@ def _gpu_html(gpu: dict[str, Any], entries: list[dict[str, Any]], elapsed: float
         parts.append(
             _grid(
                 len(shared),
-                [_slice_html(s, f"{i + 1} / span 1", elapsed) for i, s in enumerate(shared)],
+                [
+                    _slice_html(s, f"{i + 1} / span 1", elapsed, s.get("id") == this_slice)
+                    for i, s in enumerate(shared)
+                ],
             )
         )
     if not entries:
@@ -264,17 +299,21 @@ def _elapsed(state: dict[str, Any], now: float | None) -> float:
     return max(0.0, (time.time() if now is None else now) - received)
 
 
-def render_html(state: dict[str, Any], *, now: float | None = None) -> str:
+def render_html(
+    state: dict[str, Any], *, now: float | None = None, this_slice: str | None = None
+) -> str:
     """The partition map of ``state`` (design.md's status JSON).
 
     If the state carries ``received_at`` (epoch seconds when the viewer got it, set by the
     widget), idle countdowns are advanced to ``now`` (default: the current time), so a display
-    can tick between publications; without it they are shown as of the state.
+    can tick between publications; without it they are shown as of the state. ``this_slice``
+    is the id of the slice the viewing notebook's kernel holds, drawn apart from the user's
+    other slices.
     """
     elapsed = _elapsed(state, now)
     slices = [s for s in state.get("slices") or [] if isinstance(s, dict)]
     body = [
-        _gpu_html(gpu, [s for s in slices if s.get("gpu") == gpu.get("index")], elapsed)
+        _gpu_html(gpu, [s for s in slices if s.get("gpu") == gpu.get("index")], elapsed, this_slice)
         for gpu in _gpus(state)
     ]
     if not body:

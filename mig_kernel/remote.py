@@ -8,6 +8,17 @@ There is no background thread: whoever waits for a result receives for everyone 
 connection's lock), resolving other calls' futures and printing streamed output as it arrives.
 While waiting it checks every quarter second that the executor process still exists, so a
 dead executor is reported within a second instead of after the call's timeout.
+
+Rich output of a call (``display()``, figures, ``clear_output()`` on the slice, see
+executor/display.py) arrives as ``display`` messages and is replayed through this process's
+IPython display publisher when it has a shell (in a kernel: real display_data,
+update_display_data and clear_output messages), else printed as text.
+
+Which argument arrays go to the device: NumPy arrays that are arguments, or items of
+argument lists, tuples and dicts (at any depth), are staged to the device, as the data of a
+call; a NumPy array inside any other object (a pandas frame's columns, a dataclass field, a
+``%%gpufunc`` cell's ``CellInputs``) arrives as a host array, since that object's code expects
+NumPy. Both travel through the arena (or frames) the same way.
 """
 
 from __future__ import annotations
@@ -25,7 +36,9 @@ from typing import Any
 
 import numpy as np
 import zmq
+from numpy.lib.mixins import NDArrayOperatorsMixin
 
+from . import arrayops
 from .datapath import ArenaPath, DataPath, Outgoing, SocketPath
 from .procs import pid_alive
 from .wire import payload
@@ -57,9 +70,19 @@ class RemoteError(Exception):
         self.remote_traceback = remote_traceback
 
 
-class RemoteArray:
+class RemoteArray(NDArrayOperatorsMixin):
     """A device array that stays on the slice. Shape, dtype and size are known here; ``get()``
-    copies it to the host; passing it to a later call moves no data."""
+    copies it to the host; passing it to a later call moves no data.
+
+    It follows CuPy's conventions for a device array seen from the host: no implicit
+    conversion (``np.asarray(h)`` raises TypeError, pointing at ``.get()``); arithmetic,
+    comparisons, indexing, reductions, methods, NumPy ufuncs and NumPy functions run on the
+    slice, one invocation each, and return RemoteArrays (``h + 1``, ``h[:5]``, ``h.max()``,
+    ``np.sqrt(h)``, ``np.mean(h)``), so they chain without moving data; ``float()``,
+    ``int()``, ``bool()`` of a one-element array fetch it. ``repr`` shows shape, dtype, the
+    slice and a few values (one small fetch)."""
+
+    __array_priority__ = 100  # its operators win over a NumPy array's
 
     def __init__(
         self,
@@ -85,6 +108,10 @@ class RemoteArray:
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
     def get(self) -> np.ndarray:
         """A host (numpy) copy of the array."""
         return self._route.current().fetch([self])[0]
@@ -93,8 +120,136 @@ class RemoteArray:
         """Free the device memory now (otherwise it is freed when this handle is collected)."""
         self._finalizer()
 
+    # -- on the slice ------------------------------------------------------------------------
+    def _on_slice(self, fn: Callable[..., Any], *args: Any) -> Any:
+        conn = self._route.current()
+        return conn.submit("invoke", fn, (args, {}), {}, False, None).result()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise TypeError(
+            "Implicit conversion of a RemoteArray to a NumPy array is not allowed: its data is "
+            "on the GPU slice. Call .get() for a NumPy copy (as with CuPy)."
+        )
+
+    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        return self._on_slice(arrayops.ufunc, ufunc, method, inputs, kwargs)
+
+    def __array_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        return self._on_slice(arrayops.function, func, args, kwargs)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._on_slice(arrayops.getitem, self, key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._on_slice(arrayops.setitem, self, key, value)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of unsized object")
+        return self.shape[0]
+
+    def __iter__(self) -> Any:
+        if not self.shape:
+            raise TypeError("iteration over a 0-d array")
+        return (self[i] for i in range(self.shape[0]))
+
+    def _scalar(self, kind: str) -> Any:
+        if self.size != 1:
+            raise TypeError(f"only one-element arrays can be converted to Python {kind}s")
+        return self.get().reshape(()).item()
+
+    def __float__(self) -> float:
+        return float(self._scalar("scalar"))
+
+    def __int__(self) -> int:
+        return int(self._scalar("scalar"))
+
+    def __complex__(self) -> complex:
+        return complex(self._scalar("scalar"))
+
+    def __index__(self) -> int:
+        if self.ndim or self.dtype.kind not in "iub":
+            raise TypeError("only integer scalar arrays can be converted to a scalar index")
+        return int(self._scalar("int"))
+
+    def __bool__(self) -> bool:
+        if self.size != 1:
+            raise ValueError(
+                "The truth value of an array with more than one element is ambiguous. "
+                "Use a.any() or a.all()"
+            )
+        return bool(self._scalar("bool"))
+
+    def item(self) -> Any:
+        return self._scalar("scalar")
+
+    def tolist(self) -> Any:
+        return self.get().tolist()
+
+    @property
+    def T(self) -> Any:
+        return self._on_slice(arrayops.attribute, self, "T")
+
+    @property
+    def real(self) -> Any:
+        return self._on_slice(arrayops.attribute, self, "real")
+
+    @property
+    def imag(self) -> Any:
+        return self._on_slice(arrayops.attribute, self, "imag")
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _ARRAY_METHODS:
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return self._on_slice(arrayops.method, self, name, args, kwargs)
+
+            call.__name__ = name
+            return call
+        raise AttributeError(
+            f"RemoteArray has no attribute {name!r}: its data is on the GPU slice; run the "
+            "code there (%%gpufunc, Session.run) or call .get() for a NumPy copy"
+        )
+
     def __repr__(self) -> str:
-        return f"RemoteArray(shape={self.shape}, dtype={self.dtype}, handle={self.handle})"
+        where = self._route.describe()
+        head = f"RemoteArray(shape={self.shape}, dtype={self.dtype}" + (
+            f", slice={where}" if where else ""
+        )
+        try:
+            first, last = self._on_slice(arrayops.preview, self, _PREVIEW)
+        except Exception as exc:  # a repr must not raise (tracebacks, debuggers)
+            return f"{head}, handle={self.handle}: no preview, {type(exc).__name__})"
+        return f"{head}: {_preview_text(first, last, self.ndim)})"
+
+
+_PREVIEW = 3  # values shown from each end
+
+
+def _preview_text(first: np.ndarray, last: np.ndarray | None, ndim: int) -> str:
+    """``[0., 1., 2., ..., 7., 8., 9.]`` as NumPy summarizes (the flattened values, one
+    format for all of them); a 0-d array's value alone."""
+    values = first if last is None else np.concatenate([first, last])
+    if ndim == 0:
+        return np.array2string(values.reshape(()), separator=", ")
+    text = np.array2string(values, separator=", ", threshold=values.size + 1)[1:-1]
+    if last is None:
+        return f"[{text}]"
+    items = " ".join(text.split()).split(", ")
+    if first.dtype.names or len(items) != values.size:  # structured values: the first ones
+        return "[" + np.array2string(first, separator=", ")[1:-1] + ", ...]"
+    return "[" + ", ".join([*items[: first.size], "...", *items[first.size :]]) + "]"
+
+
+# Methods of cupy.ndarray (and numpy.ndarray) that run on the slice through ``__getattr__``.
+_ARRAY_METHODS = frozenset(
+    """all any argmax argmin argpartition argsort astype choose clip compress conj conjugate copy
+    cumprod cumsum diagonal dot fill flatten max mean min nonzero partition prod ptp put ravel
+    repeat reshape round searchsorted sort squeeze std sum swapaxes take trace transpose var
+    view""".split()  # noqa: SIM905
+)
 
 
 class RemoteObject:
@@ -122,9 +277,21 @@ class Route:
     so old handles keep working; after an executor is lost its handles are refused.
     """
 
-    def __init__(self, connect: Callable[[], ExecutorConnection] | None = None) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], ExecutorConnection] | None = None,
+        where: Callable[[], str] | None = None,
+    ) -> None:
         self.conn: ExecutorConnection | None = None
         self.connect = connect  # the Session's: re-acquires after an idle reclaim
+        self.where = where  # the Session's: its slice, for reprs
+
+    def describe(self) -> str:
+        """The slice the data is on (``gpu0-s3 (1g.10gb)``), or "" if unknown."""
+        try:
+            return self.where() if self.where is not None else ""
+        except Exception:
+            return ""
 
     def current(self) -> ExecutorConnection:
         if self.connect is not None:
@@ -164,6 +331,8 @@ class Invocation:
         self.timings: dict[str, float] = {}  # executor-side: stage_in_ms, compute_ms
         self._value: Any = None
         self._error: BaseException | None = None
+        self._data: bytes = b""  # the result's pickle, kept when ``to_host`` (see result())
+        self._made: dict[int, Any] = {}  # its handle objects by handle id
 
     def done(self) -> bool:
         return self._finished
@@ -183,8 +352,9 @@ class Invocation:
         self._conn.wait_for(self, limit)
         if self._error is not None:
             raise self._error
-        if self.to_host:
-            return self._conn.to_host(self._value)
+        if self.to_host and any(isinstance(h, RemoteArray) for h in self._made.values()):
+            self._value = self._conn.to_host(self._data, self._made)
+            self._made, self._data = {}, b""
         return self._value
 
 
@@ -240,7 +410,11 @@ class ExecutorConnection:
         frames = encode(msg_type, body, self.key, sender=self.lease_id, payload=frames_out)
         send_frames(self.socket, frames)  # copies: the caller may change its arrays now
 
-    def _pickle_hook(self, out: Outgoing) -> Callable[[Any], tuple[Any, ...] | None]:
+    def _pickle_hook(
+        self, out: Outgoing, device: set[int] | None = None
+    ) -> Callable[[Any], tuple[Any, ...] | None]:
+        """Arrays into the arena (or frames), handles by id. ``device``: ids of the arrays to
+        stage to the device (``_device_arrays``); the others arrive as host arrays."""
         written: dict[int, tuple[Any, ...]] = {}  # id -> pid: a fallback re-pickle reuses it
 
         def hook(obj: Any) -> tuple[Any, ...] | None:
@@ -248,6 +422,8 @@ class ExecutorConnection:
                 pid = written.get(id(obj))
                 if pid is None:
                     pid = self.data.put(obj, out)
+                    if device is not None and id(obj) not in device:
+                        pid = ("host", pid)
                     written[id(obj)] = pid
                 return pid
             if isinstance(obj, (RemoteArray, RemoteObject)):
@@ -278,7 +454,8 @@ class ExecutorConnection:
             if msg_type == "invoke" and not args[0] and not args[1]:  # (args, kwargs)
                 data = payload.EMPTY_ARGS
             else:
-                data = payload.dumps(args, self._pickle_hook(out))
+                device = _device_arrays(args) if msg_type == "invoke" else None
+                data = payload.dumps(args, self._pickle_hook(out, device))
         except BaseException:
             self.data.discard(out)
             raise
@@ -409,12 +586,15 @@ class ExecutorConnection:
             target.write(body.get("text", ""))
             target.flush()
             return
+        if msg.type == "display":
+            _show_display(body)
+            return
         invocation = self.pending.pop(call_id, None)
         if invocation is None and call_id in self.abandoned:
             self.abandoned.discard(call_id)
             if msg.type == "result":  # its handles are freed as soon as they are collected
                 with contextlib.suppress(Exception):
-                    payload.loads(_result_data(msg), lambda pid: self._handle_for(pid, {}))
+                    payload.loads(_result_data(msg), self._loader({}))
             return
         if invocation is None:
             if call_id:  # a reply to fetch, reset...: kept for its caller (``_call``)
@@ -424,10 +604,13 @@ class ExecutorConnection:
             invocation.timings = body.get("timings") or {}
             try:
                 made: dict[int, Any] = {}
-                value = payload.loads(_result_data(msg), lambda pid: self._handle_for(pid, made))
+                data = _result_data(msg)
+                value = payload.loads(data, self._loader(made), keep_classes=True)
             except BaseException as exc:
                 invocation._resolve(error=exc)
                 return
+            if invocation.to_host and made:
+                invocation._data, invocation._made = bytes(data), made
             invocation._resolve(value)
         elif msg.type == "error":
             exc = self._exception(body, msg.payload[0] if msg.payload else b"")
@@ -435,18 +618,11 @@ class ExecutorConnection:
                 self.lost = body["message"]
             invocation._resolve(error=exc)
 
-    def _handle_for(self, pid: tuple[Any, ...], made: dict[int, Any]) -> Any:
-        """The handle object of a result's persistent id: one per handle id, so a handle that
-        appears twice is freed once."""
-        handle = pid[1]
-        if handle not in made:
-            if pid[0] == "h":
-                made[handle] = RemoteArray(self, handle, pid[2], pid[3], pid[4])
-            elif pid[0] == "obj":
-                made[handle] = RemoteObject(self, handle, pid[2])
-            else:
-                raise ValueError(f"unknown persistent id {pid[0]!r}")
-        return made[handle]
+    def _loader(
+        self, made: dict[int, Any], host: dict[int, np.ndarray] | None = None
+    ) -> _ResultLoader:
+        """The persistent-id loader of a result (``_ResultLoader``)."""
+        return _ResultLoader(self, made, host)
 
     @staticmethod
     def _exception(body: dict[str, Any], pickled: bytes) -> BaseException:
@@ -492,14 +668,49 @@ class ExecutorConnection:
         finally:
             self.data.discard(out)  # regions not handed over to result views
 
-    def to_host(self, value: Any) -> Any:
-        """Replace every RemoteArray in a result by a host copy (one fetch for all)."""
-        found: list[RemoteArray] = []
-        _walk(value, found)
-        if not found:
-            return value
-        copies = dict(zip((id(a) for a in found), self.fetch(found), strict=True))
-        return _replace(value, copies)
+    def to_host(self, data: bytes, made: dict[int, Any]) -> Any:
+        """A result again, with host copies where its device arrays were, wherever they are
+        (lists, dicts, dataclasses, any object): one fetch for all of them, then the result's
+        pickle loaded a second time with those copies in place of the handles. Opaque handles
+        stay the objects already made; the RemoteArrays are dropped (and so freed)."""
+        arrays = {h: a for h, a in made.items() if isinstance(a, RemoteArray)}
+        copies = dict(zip(arrays, self.fetch(list(arrays.values())), strict=True))
+        return payload.loads(data, self._loader(made, copies), keep_classes=True)
+
+
+class _ResultLoader:
+    """Turns a result's persistent ids into objects: handle objects, one per handle id (so a
+    handle that appears twice is one object, freed once), collected in ``made``; ``host``:
+    host copies to put where device arrays were (``to_host``); ``parts`` and ``pickle`` ids
+    are loaded with this same loader. An object, not a closure: a closure that passes itself
+    on would be a reference cycle, and the handles in ``made`` would wait for the garbage
+    collector instead of being freed with the next request."""
+
+    def __init__(
+        self, conn: ExecutorConnection, made: dict[int, Any], host: dict[int, Any] | None
+    ) -> None:
+        self.conn = conn
+        self.made = made
+        self.host = host
+
+    def __call__(self, pid: tuple[Any, ...]) -> Any:
+        kind = pid[0]
+        if kind == "parts":
+            return payload.load_parts(pid[1], self, keep_classes=True)
+        if kind == "pickle":
+            return payload.loads(pid[1], self, keep_classes=True)
+        handle = pid[1]
+        if self.host is not None and kind == "h":
+            return self.host[handle]
+        made = self.made
+        if handle not in made:
+            if kind == "h":
+                made[handle] = RemoteArray(self.conn, handle, pid[2], pid[3], pid[4])
+            elif kind == "obj":
+                made[handle] = RemoteObject(self.conn, handle, pid[2])
+            else:
+                raise ValueError(f"unknown persistent id {kind!r}")
+        return made[handle]
 
 
 def _result_data(msg: Message) -> Any:
@@ -512,27 +723,47 @@ def _result_data(msg: Message) -> Any:
     return msg.payload[0]
 
 
-def _walk(value: Any, found: list[RemoteArray]) -> None:
-    if isinstance(value, RemoteArray):
-        found.append(value)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _walk(item, found)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _walk(item, found)
+def _device_arrays(args: Any) -> set[int]:
+    """Ids of the NumPy arrays of a call's (args, kwargs) that go to the device: reachable
+    through lists, tuples and dicts only (the module docstring says why)."""
+    found: set[int] = set()
+    stack = [args]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, np.ndarray):
+            found.add(id(value))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(v for v in value if not isinstance(v, _LEAVES))
+        elif isinstance(value, dict):
+            stack.extend(v for v in value.values() if not isinstance(v, _LEAVES))
+    return found
 
 
-def _replace(value: Any, copies: dict[int, np.ndarray]) -> Any:
-    if isinstance(value, RemoteArray):
-        return copies[id(value)]
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_replace(v, copies) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_replace(v, copies) for v in value)
-    if isinstance(value, dict):
-        return {k: _replace(v, copies) for k, v in value.items()}
-    return value
+_LEAVES = (str, bytes, int, float, complex, type(None))
+
+
+def _show_display(body: dict[str, Any]) -> None:
+    """A ``display`` message of a call (executor/display.py), shown as if published here: by
+    the IPython shell's display publisher when this process has one (so in a kernel, the
+    notebook gets display_data, update_display_data or clear_output), else as text."""
+    module = sys.modules.get("IPython.core.interactiveshell")
+    shell_class = getattr(module, "InteractiveShell", None)
+    kind = body.get("kind")
+    if shell_class is None or not shell_class.initialized():
+        text = (body.get("data") or {}).get("text/plain")
+        if kind != "clear_output" and text:
+            print(text)
+        return
+    publisher = shell_class.instance().display_pub
+    if kind == "clear_output":
+        publisher.clear_output(wait=bool(body.get("wait")))
+    else:
+        publisher.publish(
+            data=body.get("data") or {},
+            metadata=body.get("metadata") or {},
+            transient=body.get("transient") or {},
+            update=kind == "update_display_data",
+        )
 
 
 __all__ = [

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ipywidgets
@@ -51,7 +52,11 @@ class SliceMonitor(ipywidgets.VBox):
         connection_file: str | os.PathLike[str] | None = None,
         *,
         max_rate: float = 4.0,
+        this_slice: Callable[[], str | None] | None = None,
     ) -> None:
+        """``this_slice`` tells, at each draw, which slice the viewing notebook's kernel
+        holds (``%gpu monitor`` passes its kernel's): drawn as "this notebook", apart from the
+        user's other slices. It is called on the monitor's thread and must not block."""
         if not max_rate > 0:
             raise ValueError(
                 f"max_rate must be a positive number of updates per second: {max_rate}"
@@ -59,6 +64,7 @@ class SliceMonitor(ipywidgets.VBox):
         # The watcher first: if the broker cannot be reached, no widget (comm) is created.
         self.watcher = Watcher(connection_file)
         self.connection_file = connection_file
+        self.this_slice = this_slice or (lambda: None)
         self.min_interval = 1.0 / max_rate
         self.updates = 0
         self.closed = False
@@ -72,7 +78,7 @@ class SliceMonitor(ipywidgets.VBox):
             self.header = ipywidgets.HTML(
                 render_header(self.state, updated=self.state["received_at"])
             )
-            self.picture = ipywidgets.HTML(render_html(self.state))
+            self.picture = ipywidgets.HTML(self._html())
         except BaseException:
             self.close()
             raise
@@ -124,11 +130,14 @@ class SliceMonitor(ipywidgets.VBox):
     def _show(self, state: dict[str, Any]) -> None:
         self.state = state = self._prepare(state)
         self.header.value = render_header(state, updated=state["received_at"])
-        self.picture.value = render_html(state)
+        self.picture.value = self._html()
         self.updates += 1
 
     def _redraw(self) -> None:
-        self.picture.value = render_html(self.state)
+        self.picture.value = self._html()
+
+    def _html(self) -> str:
+        return render_html(self.state, this_slice=self.this_slice())
 
     def _with_own_timeouts(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with the idle timeout of the viewer's own slices filled in where the

@@ -9,7 +9,7 @@ import pytest
 
 import mig_kernel
 from mig_kernel.procs import pid_alive
-from mig_kernel.testing import count, executor_pids
+from mig_kernel.testing import count, executor_pids, wait_until
 from mig_kernel.wire import errors as E
 
 MIXED = "H100-80GB:3g.40gb,2g.20gb,1g.10gb,1g.10gb"
@@ -84,9 +84,11 @@ def test_unknown_profile_and_impossible_requests_are_named(make_broker) -> None:
 def test_quota_double_release_and_unknown_lease(make_broker) -> None:
     broker = make_broker()
     with broker.client() as c:
-        lease = c.acquire()
-        with pytest.raises(E.QuotaExceeded, match=r"already holds 1 of 1 .*" + lease["id"]):
-            c.acquire()
+        lease = c.acquire(label="~/work/first.ipynb")
+        with pytest.raises(
+            E.QuotaExceeded, match=r"already holds 1 of 1 .*~/work/first\.ipynb .*" + lease["id"]
+        ):
+            c.acquire(wait=False)
         c.release(lease["id"])
         with pytest.raises(E.LeaseEnded, match="already ended"):
             c.release(lease["id"])
@@ -96,6 +98,43 @@ def test_quota_double_release_and_unknown_lease(make_broker) -> None:
     session.release()
     with pytest.raises(E.LeaseEnded, match="already released"):
         session.release()
+
+
+def test_a_request_beyond_the_limit_waits_naming_the_users_notebooks(make_broker) -> None:
+    """Free slices remain, but the user holds their limit: the request queues (it does not
+    fail), each answer names the notebook holding the slice, and it is granted once that
+    slice is released. Another user behind it is not held up."""
+    broker = make_broker(layout="H100-80GB:3x1g.10gb", multi_user=True)
+    with broker.client("alice") as first, broker.client("alice") as second:
+        held = first.acquire(tag="kernel:k1", label="~/demos/quickstart.ipynb")
+        reasons: list[str] = []
+        got: dict[str, object] = {}
+
+        def wait() -> None:
+            got["lease"] = second.acquire(
+                label="~/demos/cnn.ipynb", on_queued=lambda p, n, why: reasons.append(why)
+            )
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        status = broker.wait_for(lambda s: len(s["queue"]) == 1)
+        assert status["queue"][0]["holder"].startswith("user-")  # the viewer is not alice
+        with broker.client("bob") as bob:  # free slices still go to others
+            bob.release(bob.acquire(wait=False)["id"])
+        wait_until(lambda: reasons, 10, "a queued answer")
+        assert reasons[0].startswith("you hold 1 of the 1 GPU slice(s) one user may hold")
+        assert (
+            f"~/demos/quickstart.ipynb (1g.10gb on {held['slice']['id']}, idle 0:0" in (reasons[0])
+        )
+        assert "`%gpu release` in that notebook" in reasons[0]
+        with broker.client("alice") as alice:
+            [entry] = alice.status()["queue"]
+            assert entry["mine"] and entry["waiting_for"] == "quota"
+        first.release(held["id"])
+        waiter.join(30)
+        lease = got["lease"]
+        assert isinstance(lease, dict) and lease["request"]["label"] == "~/demos/cnn.ipynb"
+        second.release(lease["id"])
 
 
 def test_no_capacity_without_wait(make_broker) -> None:
@@ -124,7 +163,7 @@ def test_queue_is_fifo_with_visible_positions_and_cancellable(make_broker) -> No
     def wait(name: str) -> None:
         with broker.client(name) as c:
             try:
-                got = c.acquire(on_queued=lambda p, n: on_queued(name, p, n), timeout=30)
+                got = c.acquire(on_queued=lambda p, n, _: on_queued(name, p, n), timeout=30)
             except KeyboardInterrupt:
                 outcome[name] = "interrupted"
                 return
@@ -171,7 +210,7 @@ def test_interrupt_while_queued_cancels(make_broker) -> None:
     with broker.client("holder") as holder, broker.client("waiter") as waiter:
         lease = holder.acquire()
 
-        def interrupt(position: int, length: int) -> None:
+        def interrupt(position: int, length: int, reason: str) -> None:
             raise KeyboardInterrupt
 
         with pytest.raises(KeyboardInterrupt):

@@ -1,12 +1,15 @@
 """The JupyterLab extension in a real browser: ``mig-kernel lab`` as a user runs it, driven
 through Debian's Chromium by Playwright (never a browser Playwright downloads).
 
-A notebook on a lazy mig kernel shows "GPU slice: none" in the status bar; its ``%%gpufunc``
-cell leases a slice and the status bar shows profile, memory, idle countdown and isolation
-(and nothing while a plain ipykernel notebook is the active one). The "GPU slices" panel,
-opened from the command palette, marks that slice as the user's own, in the light and the
-dark theme (screenshots in test-artifacts/); its Release button gives the slice back. Then
-lab stops on SIGTERM.
+- Two notebooks of one user with a limit of one slice each: the first leases at its GPU cell
+  (status bar), ``%gpu monitor`` draws the node in it; the second's GPU cell waits in the queue
+  saying which notebook holds the user's slice; the panel marks "this notebook" and shows the
+  wait at the top; Release (after a dialog saying the data is kept) lets the second one run; a
+  running cell shows in the status bar and the panel; the note about the release clears itself.
+  Screenshots of the light and the dark theme in test-artifacts/.
+- Four GPUs, 28 slices: the panel stays a compact list.
+- ``make run`` as a user meets it: both demos run in JupyterLab, and the checkout stays as it
+  was (JupyterLab works on a copy in the home directory). Its screenshot is the README's.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,8 @@ CHROMIUM = shutil.which("chromium")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        CHROMIUM is None, reason="Debian chromium not installed (.ci/run installs it)"
+        CHROMIUM is None,
+        reason="Debian's chromium is not installed: `apt-get install chromium` (.ci/run does)",
     ),
 ]
 
@@ -37,13 +43,15 @@ ARTIFACTS = REPO / "test-artifacts"
 BUILT = REPO / "mig_kernel" / "labextension" / "package.json"  # a checkout's own build
 LAYOUT = "H100-80GB:3g.40gb,2g.20gb,1g.10gb,1g.10gb"
 LAZY = "mig-python3-lazy"
-NOTEBOOK = "lazy.ipynb"
+FIRST, SECOND = "first.ipynb", "second.ipynb"
 PLAIN = "plain.ipynb"  # an ordinary ipykernel notebook: no status bar item
 GPU_CELL = (
-    "%%gpufunc\n"
+    "%%gpufunc --profile 1g.10gb\n"
     "block = xp.ones((384, 1024, 1024), dtype=xp.uint8)  # 384 MiB that stay on the slice\n"
-    'print("block is on the slice")'
+    'print("{name} is on the slice")'
 )
+MONITOR_CELL = "%gpu monitor"
+SLOW_CELL = "%%gpufunc\nimport time\ntime.sleep(6)  # a long call"
 # The machine has no network: Chromium's own background connections would only fail.
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -59,35 +67,36 @@ TIMEOUT_MS = 30_000
 DARK_LOADED = (
     "getComputedStyle(document.body).getPropertyValue('--jp-layout-color1').trim() !== 'white'"
 )
-LEASED = re.compile(r"^GPU 1g\.10gb · 0\.[1-9]/9\.8 GiB · idle \d+:\d\d · sim$")
+LEASED = re.compile(r"^GPU 1g\.10gb · 0\.\d\d/9\.75 GiB · idle \d+:\d\d · sim$")
 
 
-def prepare(lab: Lab) -> Path:
-    """Before start: a lazy mig kernelspec in the user data dir (where `mig-kernel lab`'s
-    pruning of its own prefix does not reach), a notebook using it, and no news pop-up."""
-    spec_dir = lab.data_dir / "kernels" / LAZY
-    spec_dir.mkdir(parents=True)
-    spec = kernel_json(None, "Python 3 (lazy GPU slice)", acquire="lazy")
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-
+def quiet_settings(lab: Lab) -> None:
+    """No news pop-up asking to fetch news (the machine is offline anyway)."""
     settings = lab.config_dir / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     quiet = {"fetchNews": "false", "checkForUpdates": False}
     (settings / "notification.jupyterlab-settings").write_text(json.dumps(quiet))
 
+
+def prepare(lab: Lab) -> Path:
+    """Before start: a lazy mig kernelspec in the user data dir (where `mig-kernel lab`'s
+    pruning of its own prefix does not reach), two notebooks using it, a plain one."""
+    spec_dir = lab.data_dir / "kernels" / LAZY
+    spec_dir.mkdir(parents=True)
+    display = "GPU slice (any, lazy, simulated)"
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(None, display, acquire="lazy")))
+    quiet_settings(lab)
     root = lab.root / "notebooks"
     root.mkdir()
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {
-        "name": LAZY,
-        "display_name": "Python 3 (lazy GPU slice)",
-        "language": "python",
-    }
-    nb.cells = [
-        nbformat.v4.new_markdown_cell("A lazy kernel leases its slice at the first GPU cell."),
-        nbformat.v4.new_code_cell(GPU_CELL),
-    ]
-    nbformat.write(nb, root / NOTEBOOK)
+    for name, extra in ((FIRST, [MONITOR_CELL]), (SECOND, [SLOW_CELL])):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": LAZY, "display_name": display, "language": "python"}
+        nb.cells = [
+            nbformat.v4.new_markdown_cell("A lazy kernel leases its slice at the first GPU cell."),
+            nbformat.v4.new_code_cell(GPU_CELL.format(name=name)),
+            *(nbformat.v4.new_code_cell(source) for source in extra),
+        ]
+        nbformat.write(nb, root / name)
     plain = nbformat.v4.new_notebook()
     plain.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)"}
     nbformat.write(plain, root / PLAIN)
@@ -95,17 +104,48 @@ def prepare(lab: Lab) -> Path:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    root = tmp_path / "lab"
-    root.mkdir()
-    lab = Lab(root, root / "state", [])
-    notebooks = prepare(lab)
-    lab.args = ["--backend", "sim", "--sim-layout", LAYOUT, "--root-dir", str(notebooks)]
-    lab.start()
-    try:
-        yield lab
-    finally:
+def make_lab(tmp_path: Path) -> Iterator[Any]:
+    labs: list[Lab] = []
+
+    def make(*args: str, prepared: bool = True) -> Lab:
+        root = tmp_path / f"lab{len(labs)}"
+        root.mkdir()
+        lab = Lab(root, root / "state", [])
+        if prepared:
+            lab.args = ["--root-dir", str(prepare(lab))]
+        else:
+            quiet_settings(lab)
+        lab.args = ["--backend", "sim", *args, *lab.args]
+        labs.append(lab)
+        lab.start()
+        return lab
+
+    yield make
+    for lab in labs:
         lab.kill()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_page(browser: Any, lab: Lab, path: str = "") -> tuple[Any, list[str]]:
+    errors: list[str] = []
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"http://127.0.0.1:{lab.port}/lab{path}?token={lab.token}")
+    page.locator(".jp-DirListing-item").first.wait_for(timeout=60_000)  # the app is up
+    page.locator("#jupyterlab-splash").wait_for(state="detached", timeout=60_000)
+    return page, errors
 
 
 def run_command(page: Any, label: str) -> None:
@@ -116,83 +156,245 @@ def run_command(page: Any, label: str) -> None:
     palette.get_by_text(label, exact=True).click()
 
 
-def test_status_bar_and_panel_follow_a_kernels_slice(lab: Lab) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def run_cell(page: Any, marker: str) -> Any:
+    """Shift+Enter in the code cell whose source contains ``marker``; returns the cell."""
+    cell = page.locator(".jp-CodeCell", has_text=marker)
+    cell.locator(".cm-content").click()
+    page.keyboard.press("Shift+Enter")
+    return cell
 
+
+def open_notebook(page: Any, name: str) -> None:
+    page.locator(".jp-DirListing-item", has_text=name).dblclick()
+    page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text=name).wait_for()
+
+
+def kernel_idle(page: Any) -> None:
+    """The active notebook's kernel has started (a cell sent before is not run)."""
+    from playwright.sync_api import expect
+
+    kernel_status = page.locator("#jp-main-statusbar .jp-StatusItem-kernel, #jp-main-statusbar")
+    expect(kernel_status.last).to_contain_text("| Idle", timeout=60_000)
+    page.wait_for_function(
+        "() => { const s = window.jupyterapp?.shell?.currentWidget?.sessionContext;"
+        " return !s || s.session?.kernel?.status === 'idle'; }",
+        timeout=60_000,
+    )
+
+
+def to_tab(page: Any, name: str) -> None:
+    page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text=name).click()
+
+
+def test_two_notebooks_the_panel_and_the_monitor(make_lab, browser) -> None:
+    from playwright.sync_api import expect
+
+    lab = make_lab("--sim-layout", LAYOUT, "--per-user-limit", "1")
     lab.wait_ready()
-    ARTIFACTS.mkdir(exist_ok=True)
-    page_errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.on("pageerror", lambda error: page_errors.append(str(error)))
-            page.goto(f"http://127.0.0.1:{lab.port}/lab/tree/{NOTEBOOK}?token={lab.token}")
+    page, page_errors = open_page(browser, lab, f"/tree/{FIRST}")
 
-            # The extension is loaded, from the checkout's own build when there is one.
-            status = page.locator('[data-mig-kernel="status"]')
-            expect(status).to_have_text("GPU slice: none", timeout=60_000)
-            expect(page.locator("#jp-main-statusbar")).to_contain_text("| Idle")
-            config = page.evaluate(
-                "JSON.parse(document.getElementById('jupyter-config-data').textContent)"
-            )
-            federated = config["federated_extensions"]
-            ours = [e for e in federated if e["name"] == "@mig-kernel/labextension"]
-            assert len(ours) == 1, federated
-            if BUILT.exists():
-                build = json.loads(BUILT.read_text())["jupyterlab"]["_build"]
-                assert ours[0]["load"] == build["load"]
+    # The extension is loaded, from the checkout's own build when there is one.
+    status = page.locator('[data-mig-kernel="status"]')
+    expect(status).to_have_text("GPU slice: none", timeout=60_000)
+    expect(page.locator("#jp-main-statusbar")).to_contain_text("| Idle")
+    config = page.evaluate("JSON.parse(document.getElementById('jupyter-config-data').textContent)")
+    ours = [e for e in config["federated_extensions"] if e["name"] == "@mig-kernel/labextension"]
+    assert len(ours) == 1, config["federated_extensions"]
+    if BUILT.exists():
+        assert ours[0]["load"] == json.loads(BUILT.read_text())["jupyterlab"]["_build"]["load"]
 
-            # The GPU cell leases a slice: the status bar shows it.
-            page.locator(".jp-CodeCell .cm-content").first.click()
-            page.keyboard.press("Shift+Enter")
-            expect(page.locator(".jp-OutputArea-output").first).to_contain_text(
-                "block is on the slice", timeout=TIMEOUT_MS
-            )
-            expect(status).to_have_text(LEASED, timeout=TIMEOUT_MS)
+    # The first notebook's GPU cell leases a slice: the status bar shows it.
+    first_cell = run_cell(page, f"{FIRST} is on the slice")
+    expect(first_cell.locator(".jp-OutputArea-output")).to_contain_text(
+        f"{FIRST} is on the slice", timeout=TIMEOUT_MS
+    )
+    expect(status).to_have_text(LEASED, timeout=TIMEOUT_MS)
 
-            # The item follows the active notebook: hidden for a plain kernel, back after.
-            page.locator(".jp-DirListing-item", has_text=PLAIN).dblclick()
-            expect(page.locator("#jp-main-statusbar")).to_contain_text(
-                "Python 3 (ipykernel) | Idle", timeout=60_000
-            )
-            expect(status).to_be_hidden(timeout=TIMEOUT_MS)
-            page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab", has_text=NOTEBOOK).click()
-            expect(status).to_have_text(LEASED, timeout=TIMEOUT_MS)
+    # %gpu monitor draws the node in the notebook, this notebook's slice apart.
+    monitor = run_cell(page, MONITOR_CELL).locator(".mig-monitor")
+    expect(monitor.locator(".mig-slice.mig-this")).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(monitor.locator(".mig-slice.mig-this")).to_contain_text("this notebook")
+    expect(monitor.locator(".mig-monitor-header")).to_contain_text("queue: empty")
 
-            # The panel: the user's slice among the others, which are free.
-            run_command(page, "Show GPU Slices")
-            panel = page.locator("#mig-kernel-panel")
-            expect(panel).to_be_visible()
-            mine = panel.locator('[data-mig-mine="true"]')
-            expect(mine).to_have_count(1, timeout=TIMEOUT_MS)
-            expect(mine).to_have_attribute("data-mig-state", "leased")
-            expect(mine).to_contain_text("yours")
-            expect(mine).to_contain_text("1g.10gb")
-            expect(mine).to_contain_text(f"held by your kernel of {NOTEBOOK}")
-            expect(mine).to_contain_text(re.compile(r"idle \d+:\d\d"))
-            expect(panel.locator('[data-mig-mine="false"]')).to_have_count(3)
-            expect(panel.locator('[data-mig-mine="false"][data-mig-state="free"]')).to_have_count(3)
-            expect(panel.locator(".jp-mig-Queue")).to_have_text("Queue: empty")
-            page.screenshot(path=str(ARTIFACTS / "lab-panel-light.png"))
+    # The item follows the active notebook: hidden for a plain kernel, back after.
+    open_notebook(page, PLAIN)
+    expect(page.locator("#jp-main-statusbar")).to_contain_text(
+        "Python 3 (ipykernel) | Idle", timeout=60_000
+    )
+    expect(status).to_be_hidden(timeout=TIMEOUT_MS)
+    to_tab(page, FIRST)
+    expect(status).to_have_text(LEASED, timeout=TIMEOUT_MS)
 
-            run_command(page, "Use Theme: JupyterLab Dark")
-            expect(page.locator("body")).to_have_attribute(
-                "data-jp-theme-light", "false", timeout=TIMEOUT_MS
-            )
-            expect(page.locator("#jupyterlab-splash")).to_have_count(0, timeout=TIMEOUT_MS)
-            page.wait_for_function(DARK_LOADED, timeout=TIMEOUT_MS)
-            expect(mine).to_contain_text("yours")
-            page.screenshot(path=str(ARTIFACTS / "lab-panel-dark.png"))
+    # The panel: this notebook's slice, the three others free, nobody waiting.
+    run_command(page, "Show GPU Slices")
+    panel = page.locator("#mig-kernel-panel")
+    expect(panel).to_be_visible()
+    this = panel.locator('[data-mig-this="true"]')
+    expect(this).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(this).to_have_attribute("data-mig-state", "leased")
+    expect(this).to_contain_text("this notebook")
+    expect(this).to_contain_text(re.compile(r"0\.\d\d/9\.75 GiB"))
+    expect(this).to_have_attribute("title", re.compile(r"isolation sim$"))
+    expect(this).to_contain_text(re.compile(r"idle \d+:\d\d"))
+    expect(panel.locator('[data-mig-mine="false"][data-mig-state="free"]')).to_have_count(3)
+    expect(panel.locator(".jp-mig-Queue")).to_have_text("Queue: empty")
+    page.screenshot(path=str(ARTIFACTS / "lab-panel-light.png"))
 
-            # Release gives the slice back: nothing of the user's left, the status bar says so.
-            mine.get_by_role("button", name="Release").click()
-            expect(mine).to_have_count(0, timeout=TIMEOUT_MS)
-            expect(panel.locator('[data-mig-state="leased"]')).to_have_count(0)
-            expect(status).to_have_text("GPU slice: none", timeout=TIMEOUT_MS)
-            expect(panel).to_contain_text("Released")
-        finally:
-            browser.close()
+    # The second notebook of the same user: its GPU cell waits, naming the first notebook.
+    open_notebook(page, SECOND)
+    expect(status).to_have_text("GPU slice: none", timeout=60_000)
+    kernel_idle(page)
+    second_cell = run_cell(page, f"{SECOND} is on the slice")
+    waiting = second_cell.locator(".jp-OutputArea-output")
+    expect(waiting).to_contain_text("position 1 of 1 in the queue", timeout=TIMEOUT_MS)
+    expect(waiting).to_contain_text(f"{FIRST} (1g.10gb on")
+    expect(waiting).to_contain_text("`%gpu release` in that notebook")
+    expect(status).to_have_text("GPU slice: queued #1", timeout=TIMEOUT_MS)
+    queue = panel.locator(".jp-mig-Queue")
+    expect(queue).to_contain_text("1 request waiting", timeout=TIMEOUT_MS)
+    expect(queue.locator('[data-mig-waiting-for="quota"]')).to_contain_text(f"you ({SECOND})")
+    first_slice = panel.locator('[data-mig-mine="true"]')
+    expect(first_slice).to_have_attribute("data-mig-this", "false")  # not this notebook's
+    expect(first_slice).to_contain_text("yours")
+    expect(first_slice).to_contain_text(f"in {FIRST}")
+    assert panel.evaluate(
+        "p => p.querySelector('.jp-mig-Queue') === p.querySelector('.jp-mig-Node').children[1]"
+    )  # the queue comes first
+
+    # The monitor in the first notebook has followed (from its kernel's thread).
+    to_tab(page, FIRST)
+    expect(monitor.locator(".mig-monitor-header")).to_contain_text("queue: 1 waiting")
+
+    # Release, neutral and confirmed: the dialog says the data is kept.
+    release = panel.locator('[data-mig-this="true"]').get_by_role("button", name="Release")
+    rgb = release.evaluate("b => getComputedStyle(b).backgroundColor")
+    red, green, blue = (int(v) for v in re.findall(r"\d+", rgb)[:3])
+    assert not (red > 150 and green < 110 and blue < 110), rgb  # neutral, not a red "destroy"
+    release.click()
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog).to_contain_text("Its device data is kept")
+    dialog.get_by_role("button", name="Release").click()
+    note = panel.locator(".jp-mig-Note")
+    expect(note).to_contain_text(f"Released the slice of {FIRST}", timeout=TIMEOUT_MS)
+    expect(status).to_have_text("GPU slice: none", timeout=TIMEOUT_MS)
+
+    # The second notebook got the slice; its waiting line became the outcome.
+    to_tab(page, SECOND)
+    output = second_cell.locator(".jp-OutputArea")
+    expect(output).to_contain_text(f"{SECOND} is on the slice", timeout=TIMEOUT_MS)
+    expect(output).to_contain_text("after waiting")
+    expect(output).not_to_contain_text("position 1 of 1")
+    expect(status).to_have_text(LEASED, timeout=TIMEOUT_MS)
+    expect(panel.locator('[data-mig-this="true"]')).to_have_count(1, timeout=TIMEOUT_MS)
+    expect(panel.locator(".jp-mig-Queue")).to_have_text("Queue: empty", timeout=TIMEOUT_MS)
+
+    # A running call shows: in the status bar at once, in the panel too.
+    run_cell(page, "a long call")
+    expect(status).to_contain_text("running", timeout=TIMEOUT_MS)
+    busy = panel.locator('[data-mig-this="true"][data-mig-busy="true"]')
+    expect(busy).to_contain_text("computing", timeout=TIMEOUT_MS)
+    expect(status).to_have_text(LEASED, timeout=TIMEOUT_MS)  # done
+    expect(note).to_have_count(0, timeout=TIMEOUT_MS)  # the note has cleared itself
+
+    run_command(page, "Use Theme: JupyterLab Dark")
+    expect(page.locator("body")).to_have_attribute(
+        "data-jp-theme-light", "false", timeout=TIMEOUT_MS
+    )
+    expect(page.locator("#jupyterlab-splash")).to_have_count(0, timeout=TIMEOUT_MS)
+    page.wait_for_function(DARK_LOADED, timeout=TIMEOUT_MS)
+    expect(panel.locator('[data-mig-this="true"]')).to_contain_text("this notebook")
+    page.screenshot(path=str(ARTIFACTS / "lab-panel-dark.png"))
     assert page_errors == []
 
     assert lab.terminate() == 0, lab.log()
+
+
+def test_the_panel_stays_compact_with_four_gpus(make_lab, browser) -> None:
+    """28 slices, seven of them the user's: two lines each, the queue in view at the top."""
+    from playwright.sync_api import expect
+
+    lab = make_lab("--sim-layout", ";".join(["H100-80GB:7x1g.10gb"] * 4))
+    lab.wait_ready()
+    connection = {"MIG_KERNEL_BROKER": str(lab.state_dir / "broker.json")}
+    page, page_errors = open_page(browser, lab)
+    run_command(page, "Show GPU Slices")
+    panel = page.locator("#mig-kernel-panel")
+    expect(panel.locator("[data-mig-slice]")).to_have_count(28, timeout=60_000)
+    expect(panel.locator('[data-mig-state="free"]')).to_have_count(28, timeout=60_000)
+    script = (
+        "import os, mig_kernel\n"
+        "held = [mig_kernel.connect(broker=os.environ['MIG_KERNEL_BROKER']) for _ in range(7)]\n"
+        "input()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        env={**lab.env(), **connection, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        expect(panel.locator('[data-mig-mine="true"]')).to_have_count(7, timeout=TIMEOUT_MS)
+        heights = panel.locator("[data-mig-slice]").evaluate_all(
+            "nodes => nodes.map(n => n.getBoundingClientRect().height)"
+        )
+        line = page.evaluate(
+            "parseFloat(getComputedStyle(document.querySelector('.jp-mig-Slice')).lineHeight)"
+        )
+        page.screenshot(path=str(ARTIFACTS / "lab-panel-28-slices.png"))
+        assert max(heights) <= 3.5 * line, (heights, line)  # at most three short lines
+        queue_top = panel.locator(".jp-mig-Queue").bounding_box()
+        assert queue_top is not None and queue_top["y"] < 200  # in view without scrolling
+    finally:
+        holder.communicate(b"\n", timeout=30)
+    assert page_errors == []
+    assert lab.terminate() == 0, lab.log()
+
+
+def checkout_notebooks() -> str:
+    """What git says of notebooks and demos in the checkout (the porcelain lines)."""
+    result = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "--", "demos", "*.ipynb"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    return "\n".join(line for line in lines if "ipynb" in line or "checkpoints" in line)
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
+def test_make_run_runs_both_demos_and_leaves_the_checkout_clean(make_lab, browser) -> None:
+    from playwright.sync_api import expect
+
+    before = checkout_notebooks()
+    lab = make_lab("--sim-layout", LAYOUT, prepared=False)
+    lab.wait_ready()
+    copy = lab.root / "home" / "mig-kernel-demos"
+    assert (copy / "quickstart.ipynb").exists() and "copied" in lab.log()
+    page, page_errors = open_page(browser, lab, "/tree/quickstart.ipynb")  # as lab prints it
+    status = page.locator('[data-mig-kernel="status"]')
+    expect(status).to_be_visible(timeout=60_000)
+    expect(page.locator("#jp-main-statusbar")).to_contain_text(
+        "GPU slice (any, simulated) | Idle", timeout=60_000
+    )
+    for name, done in (("quickstart.ipynb", "QUICKSTART OK"), ("cnn_inference.ipynb", "CNN OK")):
+        if name != "quickstart.ipynb":
+            open_notebook(page, name)
+            expect(page.locator("#jp-main-statusbar")).to_contain_text("| Idle", timeout=60_000)
+        run_command(page, "Run All Cells")
+        expect(page.locator(".jp-OutputArea-output", has_text=done)).to_have_count(
+            1, timeout=180_000
+        )
+        page.keyboard.press("Control+s")
+        if name == "quickstart.ipynb":
+            run_command(page, "Show GPU Slices")
+            expect(page.locator('#mig-kernel-panel [data-mig-this="true"]')).to_have_count(
+                1, timeout=TIMEOUT_MS
+            )
+            page.screenshot(path=str(ARTIFACTS / "lab-make-run.png"))
+    expect(page.locator(".jp-mod-dirty")).to_have_count(0, timeout=TIMEOUT_MS)  # saved
+    saved = nbformat.read(copy / "cnn_inference.ipynb", 4)
+    assert any(cell.get("outputs") for cell in saved.cells if cell.cell_type == "code")
+    assert page_errors == []
+    assert lab.terminate() == 0, lab.log()
+    assert checkout_notebooks() == before  # outputs, checkpoints, new files: all in the copy

@@ -10,8 +10,9 @@ import traceback
 import pytest
 
 from mig_kernel.jupyter.cell import (
+    CellInputs,
+    CellOutcome,
     CellPlan,
-    RemoteModule,
     plan_cell,
     run_cell,
     select_inputs,
@@ -25,16 +26,23 @@ def names(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def run(source: str, filename: str = "<cell-test>", **inputs: object) -> tuple:
-    """Plan and run a cell the way the magic does, inputs given by name."""
+    """Plan and run a cell the way the magic does, inputs given by name; returns (outputs,
+    the shown value or None, unbound names)."""
     plan = plan_cell(source, filename)
-    return run_cell(
-        plan.source,
-        plan.filename,
-        dict(inputs),
-        plan.outputs,
-        plan.last_expression,
-        deleted=plan.deleted,
+    return unpack(
+        run_cell(
+            plan.source,
+            plan.filename,
+            dict(inputs),
+            plan.outputs,
+            plan.last_expression,
+            deleted=plan.deleted,
+        )
     )
+
+
+def unpack(outcome: CellOutcome) -> tuple:
+    return dict(outcome.outputs), outcome.shown.get("value"), outcome.unbound
 
 
 # --- inputs and outputs ------------------------------------------------------------------------
@@ -50,7 +58,7 @@ def test_a_name_read_before_its_own_binding_is_an_input() -> None:
 
 def test_a_name_certainly_bound_before_reading_is_not_an_input() -> None:
     assert names("a = 1\nb = a") == ((), ("a", "b"))
-    assert names("import numpy as np\nz = np.ones(3)") == ((), ("np", "z"))
+    assert names("import numpy as np\nz = np.ones(3)") == ((), ("z",))
     assert names("def f():\n    return 1\ng = f()") == ((), ("f", "g"))
 
 
@@ -159,7 +167,16 @@ def test_imports_bind_the_right_names() -> None:
         "from numpy.random import default_rng as rng, seed\n"
         "from . import sibling\n"
     )
-    assert names(source) == ((), ("os", "cfft", "linalg", "rng", "seed", "sibling"))
+    plan = plan_cell(source)
+    assert (plan.inputs, plan.outputs) == ((), ())  # imports stay on the slice
+    assert plan.imported == ("os", "cfft", "linalg", "rng", "seed", "sibling")
+
+
+def test_a_name_both_imported_and_assigned_is_an_output() -> None:
+    plan = plan_cell("from functools import partial\npartial = partial(print, 1)\nimport os")
+    assert (plan.outputs, plan.imported) == (("partial",), ("os",))
+    plan = plan_cell("def f():\n    global np\n    import numpy as np\nf()")
+    assert (plan.outputs, plan.imported) == (("f",), ("np",))
 
 
 def test_a_star_import_cannot_be_analysed() -> None:
@@ -258,13 +275,18 @@ def test_run_cell_reports_an_output_that_ends_unbound() -> None:
 
 
 def test_run_cell_provides_xp_and_a_fresh_namespace() -> None:
-    bound, value, _ = run_cell("n = xp.dumps([1])\n__name__", "<x>", {}, ("n",), True, xp=json)
-    assert (bound, value) == ({"n": "[1]"}, "__gpufunc__")
+    outcome = run_cell("n = xp.dumps([1])\n__name__", "<x>", {}, ("n",), True, xp=json)
+    assert unpack(outcome)[:2] == ({"n": "[1]"}, "__gpufunc__")
 
 
 def test_a_shipped_builtins_cannot_replace_the_slices() -> None:
-    _, value, _ = run_cell("len('ab')", "<b>", {"__builtins__": {}}, (), True)
-    assert value == 2
+    outcome = run_cell("len('ab')", "<b>", {"__builtins__": {}}, (), True)
+    assert outcome.shown == {"value": 2}
+
+
+def test_a_none_value_is_not_shown() -> None:
+    assert run_cell("print", "<n>", {}, (), True).shown == {"value": print}
+    assert run_cell("None", "<n>", {}, (), True).shown == {}
 
 
 def test_functions_defined_in_a_cell_see_its_namespace() -> None:
@@ -273,19 +295,14 @@ def test_functions_defined_in_a_cell_see_its_namespace() -> None:
     assert bound["f"](4) == 8
 
 
-def test_modules_become_remote_modules_and_come_back_as_modules() -> None:
-    bound, value, _ = run("import json\nimport os.path as osp\nosp")
-    assert (bound, value) == (
-        {"json": RemoteModule("json"), "osp": RemoteModule(osp_name())},
-        RemoteModule(osp_name()),
-    )
-    _, value, _ = run("json.dumps(1)", json=RemoteModule("json"))
-    assert value == "1"
-
-
-def osp_name() -> str:
-    """os.path is posixpath or ntpath depending on the platform."""
-    return sys.modules["os.path"].__name__
+def test_imported_names_and_module_values_do_not_come_back(capsys) -> None:
+    """The slice's modules are not the notebook's: names bound by import stay on the slice,
+    an assigned name whose value is a module is not written back either, and a module as the
+    last expression is printed (it cannot come back)."""
+    outputs, value, unbound = run("import json\nimport os.path as osp\nalias = json\nn = 1\nosp")
+    assert (outputs, value, unbound) == ({"n": 1}, None, ())
+    assert capsys.readouterr().out.startswith("<module 'posixpath'")
+    assert run("json.dumps(1)", json=json)[1] == "1"  # a module input is used as it is
 
 
 def test_an_exception_propagates_with_the_cells_lines_in_its_traceback() -> None:
@@ -306,13 +323,11 @@ def test_an_error_in_the_last_expression_reports_its_line() -> None:
     assert "undefined_name" in "".join(traceback.format_exception(caught.value))
 
 
-# --- RemoteModule ------------------------------------------------------------------------------
+# --- what crosses ------------------------------------------------------------------------------
 
 
-def test_remote_module_pickles_and_compares_by_name() -> None:
-    module = RemoteModule("cupy.fft")
-    copy = pickle.loads(pickle.dumps(module))
-    assert copy == module
-    assert hash(copy) == hash(module)
-    assert copy != RemoteModule("cupy")
-    assert repr(module) == "<module 'cupy.fft' on the slice>"
+def test_cell_inputs_and_outcomes_pickle_by_reference() -> None:
+    inputs = CellInputs({"x": [1, 2]})
+    assert pickle.loads(pickle.dumps(inputs)) == inputs
+    outcome = CellOutcome({"y": 1}, {"value": 2}, ("z",))
+    assert pickle.loads(pickle.dumps(outcome)) == outcome

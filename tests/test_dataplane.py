@@ -16,6 +16,8 @@ import mig_kernel
 from mig_kernel import ExecutorLost, RemoteArray, RemoteObject
 from mig_kernel.testing import count
 
+CAP_MESSAGE = r"^slice memory cap exceeded: cap \d+\.\d\d GiB, in use \d+\.\d\d GiB, this needs"
+
 
 class NotebookError(Exception):
     """An exception type of the caller's own."""
@@ -187,9 +189,31 @@ def test_memory_cap_is_enforced_and_the_slice_stays_usable(session) -> None:
     def too_big():
         return xp.zeros(cap // 8 + 1024, dtype=np.float64)  # noqa: F821 (lazy pages, no RAM)
 
-    with pytest.raises(MemoryError, match=r"cap .*GiB.*in use"):
+    with pytest.raises(MemoryError, match=CAP_MESSAGE):
         session.run(too_big)
     assert session.run(lambda: 7) == 7
+
+
+def test_sim_caps_temporaries_at_the_allocation_as_a_gpu_would(session) -> None:
+    """A temporary beyond the cap (never kept, so the data plane never accounts it) fails at
+    its allocation, with the GPU's wording; what the slice holds counts against the room."""
+    gib = 2**30
+
+    def temporary(n: int) -> float:
+        block = xp.ones(n * gib // 8)  # noqa: F821
+        return float(block[::4096].sum())
+
+    with pytest.raises(MemoryError, match=CAP_MESSAGE) as failed:
+        session.run(temporary, 12)
+    assert "this needs 12.00 GiB more" in str(failed.value)
+    frames = [line for line in failed.value.remote_traceback.splitlines() if "File " in line]
+    assert frames[-2].endswith(", in temporary") and frames[-1].endswith(", in ones")  # there
+    kept = session.run(lambda: xp.ones(7 * gib // 8))  # noqa: F821
+    with pytest.raises(MemoryError, match=r"in use 7\.00 GiB, this needs 4\.00 GiB more"):
+        session.run(temporary, 4)
+    assert session.run(temporary, 2) == 2 * gib // 8 // 4096  # fits beside the 7 GiB
+    kept.free()
+    assert session.run(temporary, 8) == 8 * gib // 8 // 4096
 
 
 def test_timeout_kills_and_replaces_the_executor_and_reports_data_lost(session) -> None:

@@ -155,8 +155,12 @@ def test_memory_cap_of_a_process_slice(gpu_session) -> None:
     def too_big():
         return xp.empty(cap + 2**30, dtype=xp.uint8)  # noqa: F821
 
-    with pytest.raises(MemoryError, match="cap"):
+    # The same wording as a sim slice's cap (tests/test_dataplane.py).
+    with pytest.raises(
+        MemoryError, match=r"^slice memory cap exceeded: cap \d+\.\d\d GiB, in use .* GiB, this "
+    ) as failed:
         gpu_session.run(too_big)
+    assert f"this needs {(cap + 2**30) / 2**30:.2f} GiB more" in str(failed.value)
     assert gpu_session.run(lambda: int(xp.arange(10).sum())) == 45  # noqa: F821
 
 

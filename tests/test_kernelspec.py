@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
+import mig_kernel.jupyter.kernelspec
 from mig_kernel.jupyter.kernelspec import (
     install_kernelspecs,
     kernel_name,
@@ -41,7 +42,7 @@ def test_kernel_json_is_the_contract(tmp_path: Path) -> None:
     ]
     assert read_spec(tmp_path, "mig-python3-1g.10gb") == {
         "argv": [sys.executable, "-m", "mig_kernel.jupyter.kernel", "-f", "{connection_file}"],
-        "display_name": "Python 3 (simulated 1g.10gb)",
+        "display_name": "GPU slice 1g.10gb (simulated)",
         "language": "python",
         "interrupt_mode": "signal",
         "metadata": {
@@ -53,7 +54,7 @@ def test_kernel_json_is_the_contract(tmp_path: Path) -> None:
         },
     }
     any_slice = read_spec(tmp_path, "mig-python3")
-    assert any_slice["display_name"] == "Python 3 (simulated GPU slice)"
+    assert any_slice["display_name"] == "GPU slice (any, simulated)"
     assert any_slice["metadata"]["kernel_provisioner"]["config"] == {
         "acquire": "eager",
         "idle_timeout": 600,
@@ -74,15 +75,18 @@ def test_bad_acquire_mode_is_refused(tmp_path: Path) -> None:
     assert not kernels_dir(tmp_path).exists()
 
 
-def test_logos_are_ipykernels(tmp_path: Path) -> None:
+def test_logos_are_mig_kernels_own(tmp_path: Path) -> None:
+    """A logo of its own, so the launcher tells a GPU-slice kernel from plain Python 3."""
     import ipykernel.kernelspec
 
     install_kernelspecs(SIM, prefix=tmp_path)
-    resources = Path(ipykernel.kernelspec.RESOURCES)
+    ours = Path(mig_kernel.jupyter.kernelspec.__file__).with_name("resources")
+    ipykernels = Path(ipykernel.kernelspec.RESOURCES)
     for name in ("mig-python3", "mig-python3-3g.40gb"):
         for logo in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
-            copied = kernels_dir(tmp_path) / name / logo
-            assert copied.read_bytes() == (resources / logo).read_bytes()
+            copied = (kernels_dir(tmp_path) / name / logo).read_bytes()
+            assert copied == (ours / logo).read_bytes()
+            assert copied != (ipykernels / logo).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -91,38 +95,38 @@ def test_logos_are_ipykernels(tmp_path: Path) -> None:
         (
             [("1g.10gb", "mig"), ("3g.40gb", "mig")],
             {
-                "mig-python3": "Python 3 (MIG slice)",
-                "mig-python3-1g.10gb": "Python 3 (MIG 1g.10gb)",
-                "mig-python3-3g.40gb": "Python 3 (MIG 3g.40gb)",
+                "mig-python3": "GPU slice (any)",
+                "mig-python3-1g.10gb": "GPU slice 1g.10gb",
+                "mig-python3-3g.40gb": "GPU slice 3g.40gb",
             },
         ),
         (
             [("gpu-1of2.40gb", "process")],
             {
-                "mig-python3": "Python 3 (GPU slice)",
-                "mig-python3-gpu-1of2.40gb": "Python 3 (GPU share gpu-1of2.40gb)",
+                "mig-python3": "GPU slice (any)",
+                "mig-python3-gpu-1of2.40gb": "GPU slice gpu-1of2.40gb (GPU share)",
             },
         ),
         (
             [("gpu.80gb", "process")],
             {
-                "mig-python3": "Python 3 (GPU slice)",
-                "mig-python3-gpu.80gb": "Python 3 (GPU gpu.80gb)",
+                "mig-python3": "GPU slice (any)",
+                "mig-python3-gpu.80gb": "GPU slice gpu.80gb (whole GPU)",
             },
         ),
         (
             [("1g.10gb", "sim")],
             {
-                "mig-python3": "Python 3 (simulated GPU slice)",
-                "mig-python3-1g.10gb": "Python 3 (simulated 1g.10gb)",
+                "mig-python3": "GPU slice (any, simulated)",
+                "mig-python3-1g.10gb": "GPU slice 1g.10gb (simulated)",
             },
         ),
         (
             [("1g.10gb", "mig"), ("gpu.80gb", "process")],
             {
-                "mig-python3": "Python 3 (GPU slice)",
-                "mig-python3-1g.10gb": "Python 3 (MIG 1g.10gb)",
-                "mig-python3-gpu.80gb": "Python 3 (GPU gpu.80gb)",
+                "mig-python3": "GPU slice (any)",
+                "mig-python3-1g.10gb": "GPU slice 1g.10gb",
+                "mig-python3-gpu.80gb": "GPU slice gpu.80gb (whole GPU)",
             },
         ),
     ],
@@ -205,11 +209,11 @@ def test_cli_installs_one_spec_per_broker_profile(make_broker, tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert lines == [
-        ["mig-python3", "Python 3 (simulated GPU slice)", str(kernels_dir(prefix) / "mig-python3")],
+        ["mig-python3", "GPU slice (any, simulated)", str(kernels_dir(prefix) / "mig-python3")],
         *(
             [
                 f"mig-python3-{p}",
-                f"Python 3 (simulated {p})",
+                f"GPU slice {p} (simulated)",
                 str(kernels_dir(prefix) / f"mig-python3-{p}"),
             ]
             for p in ("1g.10gb", "2g.20gb", "3g.40gb")

@@ -59,9 +59,9 @@ def test_lab_runs_broker_and_jupyterlab_and_stops_both(make_lab, tmp_path: Path)
     specs = lab.get("/api/kernelspecs")["kernelspecs"]
     ours = {name: entry["spec"] for name, entry in specs.items() if name.startswith("mig-")}
     assert {name: spec["display_name"] for name, spec in ours.items()} == {
-        "mig-python3": "Python 3 (simulated GPU slice)",
-        "mig-python3-1g.10gb": "Python 3 (simulated 1g.10gb)",
-        "mig-python3-3g.40gb": "Python 3 (simulated 3g.40gb)",
+        "mig-python3": "GPU slice (any, simulated)",
+        "mig-python3-1g.10gb": "GPU slice 1g.10gb (simulated)",
+        "mig-python3-3g.40gb": "GPU slice 3g.40gb (simulated)",
     }
     provisioner = ours["mig-python3-3g.40gb"]["metadata"]["kernel_provisioner"]
     assert provisioner == {
@@ -69,6 +69,7 @@ def test_lab_runs_broker_and_jupyterlab_and_stops_both(make_lab, tmp_path: Path)
         "config": {"profile": "3g.40gb", "acquire": "eager"},
     }
     assert [item["name"] for item in lab.get("/api/contents")["content"]] == ["quickstart.ipynb"]
+    assert "you may hold all 2 slice(s) at once, one per notebook" in lab.log()
 
     connection_file = lab.state_dir / "broker.json"
     status = wait_until(lambda: free_status(connection_file), 30, "every slice free")
@@ -166,26 +167,53 @@ def test_lab_fails_with_the_brokers_reason(tmp_path: Path) -> None:
     assert not (tmp_path / "prefix").exists()
 
 
-def test_demos_root_prefers_the_checkout(tmp_path: Path) -> None:
+def test_demos_root_is_a_copy_outside_the_checkout(tmp_path: Path) -> None:
+    """JupyterLab opens a copy in the home directory: the checkout's demos/ (else the packaged
+    ones), display names as installed; a demo the user changed is kept, an untouched copy
+    follows the demos."""
     package = tmp_path / "checkout" / "mig_kernel"
     (package / "demos").mkdir(parents=True)  # packaged copy: ignored in a checkout
-    (tmp_path / "checkout" / "demos").mkdir()
-    assert demos_root(package, tmp_path / "cwd") == tmp_path / "checkout" / "demos"
+    demos = tmp_path / "checkout" / "demos"
+    demos.mkdir()
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "mig-python3", "display_name": "old name"}
+    nbformat.write(notebook, demos / "quickstart.ipynb")
+    (demos / "README.md").write_text("read me")
+    (demos / "build_demos.py").write_text("")  # not a demo
+    home = tmp_path / "home"
+    home.mkdir()
+    names = {"mig-python3": "GPU slice (any, simulated)"}
+    copy = demos_root(package, home, names)
+    assert copy == home / "mig-kernel-demos"
+    assert sorted(p.name for p in copy.iterdir()) == [
+        ".mig-kernel-demos.json",
+        "README.md",
+        "quickstart.ipynb",
+    ]
+    spec = nbformat.read(copy / "quickstart.ipynb", 4).metadata["kernelspec"]
+    assert spec["display_name"] == "GPU slice (any, simulated)"
+    assert nbformat.read(demos / "quickstart.ipynb", 4).metadata["kernelspec"]["display_name"] == (
+        "old name"
+    )
+    (copy / "README.md").write_text("my notes")  # the user's
+    (demos / "README.md").write_text("read me, v2")
+    notebook.cells.append(nbformat.v4.new_code_cell("1"))
+    nbformat.write(notebook, demos / "quickstart.ipynb")
+    assert demos_root(package, home, names) == copy
+    assert (copy / "README.md").read_text() == "my notes"
+    assert len(nbformat.read(copy / "quickstart.ipynb", 4).cells) == 1  # followed the demos
 
 
-def test_demos_root_copies_the_packaged_demos_once(tmp_path: Path) -> None:
+def test_demos_root_outside_a_checkout_copies_the_packaged_demos(tmp_path: Path) -> None:
     package = tmp_path / "site-packages" / "mig_kernel"
     (package / "demos").mkdir(parents=True)
     (package / "demos" / "quickstart.ipynb").write_text("{}")
-    cwd = tmp_path / "work"
-    cwd.mkdir()
-    copy = demos_root(package, cwd)
-    assert copy == cwd / "mig-kernel-demos"
+    home = tmp_path / "home"
+    home.mkdir()
+    copy = demos_root(package, home)
+    assert copy == home / "mig-kernel-demos"
     assert (copy / "quickstart.ipynb").read_text() == "{}"
-    (copy / "quickstart.ipynb").write_text("edited")
-    assert demos_root(package, cwd) == copy
-    assert (copy / "quickstart.ipynb").read_text() == "edited"  # the user's edits stay
-    assert demos_root(tmp_path / "bare" / "mig_kernel", cwd) is None
+    assert demos_root(tmp_path / "bare" / "mig_kernel", home) is None
 
 
 def test_labextension_path_links_the_checkouts_build(tmp_path: Path) -> None:

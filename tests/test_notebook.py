@@ -69,12 +69,12 @@ def test_gpufunc_cell_inputs_outputs_display_and_errors(make_node: Callable[...,
     cell = kernel.run(
         "%%gpufunc\n"
         "y = xp.fft.fft(xp.asarray(x)).real\n"
-        "print('on the slice', type(y).__module__.split('.')[0], y.shape)\n"
+        "print('on the slice', xp.__name__, type(y).__name__, y.shape)\n"
         "n = int(y.size)\n"
         "float(y[0])"
     )
     assert cell.status == "ok", cell.traceback
-    assert cell.stdout == "on the slice numpy (16,)\n"
+    assert cell.stdout == "on the slice numpy SimDeviceArray (16,)\n"
     assert cell.results == ["120.0"]
     check = kernel.run(
         "import mig_kernel\n"
@@ -91,7 +91,8 @@ def test_gpufunc_cell_inputs_outputs_display_and_errors(make_node: Callable[...,
     error = kernel.run("%%gpufunc\na = 1\nb = a / 0\n")
     assert error.status == "error"
     assert error.error is not None and error.error["ename"] == "ZeroDivisionError"
-    assert "line 2" in error.traceback and "b = a / 0" in error.traceback
+    assert "Cell In[" in error.traceback and "line 3" in error.traceback  # as the editor counts
+    assert "b = a / 0" in error.traceback
     assert "dataplane.py" not in error.traceback  # the executor's frames are not shown
 
 
@@ -107,7 +108,8 @@ def test_magic_misuse_is_refused_before_anything_is_sent(make_node: Callable[...
     assert "7g.80gb" in bad_profile.error["evalue"] and "1g.10gb" in bad_profile.error["evalue"]
     syntax = kernel.run("%%gpufunc\nx = (\n")
     assert syntax.error is not None and syntax.error["ename"] == "SyntaxError"
-    assert "gpufunc cell" in syntax.error["evalue"] and "never closed" in syntax.error["evalue"]
+    assert "(Cell In[" in syntax.error["evalue"] and "line 2)" in syntax.error["evalue"]
+    assert "never closed" in syntax.error["evalue"]
     magic_inside = kernel.run("%%gpufunc\n!ls\n")
     assert magic_inside.error is not None and magic_inside.error["ename"] == "UsageError"
     timeout = kernel.run("%%gpufunc --timeout -1\nx = 1")
@@ -214,6 +216,29 @@ def test_two_kernels_get_two_slices(make_node: Callable[..., Node]) -> None:
     cell = "%%gpufunc\nimport os\npid = os.getpid()\npid"
     pids = [int(k.run(cell).results[0]) for k in (first, second)]
     assert pids[0] != pids[1]
+
+
+def test_a_second_notebook_waits_for_the_users_slice(make_node: Callable[..., Node]) -> None:
+    """Per-user limit 1 and free slices left: the second notebook's kernel starts without a
+    slice and says why; its GPU cell waits in the queue naming the first notebook, and runs
+    once that one releases. The waiting line is replaced by the outcome."""
+    broker, kernels = make_node()
+    spec = kernels.spec("mig-1g", "1g.10gb")
+    first = kernels.start(spec, env={"JPY_SESSION_NAME": "/srv/work/first.ipynb"})
+    second = kernels.start(spec, env={"JPY_SESSION_NAME": "/srv/work/second.ipynb"})
+    assert len(tagged(broker, first.tag)) == 1 and tagged(broker, second.tag) == []
+    status = second.run("%gpu status").stdout
+    assert "GPU slice: none — user" in status and "/srv/work/first.ipynb (1g.10gb" in status
+    msg_id = second.start_cell("%%gpufunc\nprint('the second notebook runs')")
+    shown = second.wait_for_output(msg_id, "first.ipynb")
+    assert "position 1 of 1 in the queue" in shown and "`%gpu release` in that notebook" in shown
+    assert "released" in first.run("%gpu release").stdout
+    reply = second.wait_reply(msg_id)
+    assert reply["content"]["status"] == "ok"
+    [lease] = tagged(broker, second.tag)
+    assert lease["request"]["label"] == "/srv/work/second.ipynb"
+    again = second.run("%%gpufunc\nprint('again')")
+    assert again.stdout == "again\n"
 
 
 def test_interrupt_cancels_a_queued_wait(make_node: Callable[..., Node]) -> None:

@@ -8,13 +8,14 @@ import pytest
 
 from mig_kernel.broker.identity import Identity
 from mig_kernel.broker.policy import (
+    Holding,
     LeasePolicy,
     best_fit,
     check_satisfiable,
     describe,
     queue_grants,
 )
-from mig_kernel.broker.state import Lease, Request, SliceRecord, Ticket
+from mig_kernel.broker.state import Request, SliceRecord, Ticket
 from mig_kernel.slices.sim import SimInventory
 from mig_kernel.wire import errors as E
 
@@ -29,8 +30,8 @@ def records() -> list[SliceRecord]:
     return [SliceRecord(info) for info in inventory.slices()]
 
 
-def lease(owner: str, n: int) -> Lease:
-    return Lease(f"L-{owner}{n}", f"s{n}", owner, "C-1", b"", 0.0, Request(), 0.0, 0.0)
+def held(owner: str, n: int, label: str | None = None) -> Holding:
+    return Holding(f"L-{owner}{n}", f"gpu0-s{n}", "1g.10gb", 75.0, label, f"kernel:{owner}{n}")
 
 
 def ticket(user: str, n: int, request: Request | None = None) -> Ticket:
@@ -61,9 +62,27 @@ def test_limits_per_user_group_and_default() -> None:
     assert policy.limit_for(ALICE) == 3  # the user's own wins over groups
     assert policy.limit_for(BOB) == 5  # the largest of the user's groups
     assert policy.limit_for(Identity("dave", groups=("dave",))) == 1
-    policy.check_quota(BOB, [lease("bob", 1)] * 4)
+    policy.check_quota(BOB, [held("bob", 1)] * 4)
     with pytest.raises(E.QuotaExceeded, match=r"holds 1 of 1 .*L-dave1"):
-        policy.check_quota(Identity("dave"), [lease("dave", 1)])
+        policy.check_quota(Identity("dave"), [held("dave", 1)])
+
+
+def test_a_limit_of_all_and_what_a_wait_at_the_limit_says() -> None:
+    policy = LeasePolicy(per_user_limit="all", group_limits={"students": 1})
+    assert policy.limit_for(BOB) is None and not policy.at_limit(BOB, 28)
+    assert policy.limit_for(ALICE) == 1 and policy.at_limit(ALICE, 1)
+    assert (
+        LeasePolicy(group_limits={"a": 2, "b": "all"}).limit_for(Identity("x", groups=("a", "b")))
+        is None
+    )  # the largest of the user's groups
+    assert policy.quota_wait(BOB, [held("bob", 1)]) is None
+    reason = policy.quota_wait(ALICE, [held("alice", 1, "~/demos/quickstart.ipynb")])
+    assert reason is not None
+    assert reason.startswith("you hold 1 of the 1 GPU slice(s) one user may hold here: ")
+    assert "~/demos/quickstart.ipynb (1g.10gb on gpu0-s1, idle 1:15, lease L-alice1)" in reason
+    assert "`%gpu release` in that notebook" in reason and "GPU slices panel" in reason
+    unlabelled = policy.quota_wait(ALICE, [held("alice", 2)])
+    assert unlabelled is not None and "the notebook of kernel alice2" in unlabelled
 
 
 def test_profiles_per_group(records: list[SliceRecord]) -> None:

@@ -326,7 +326,7 @@ async def test_server_starts_a_refused_kernel_instead_of_answering_500(
     monkeypatch.setenv("MIG_KERNEL_BROKER", str(broker.connection_file))
     spec_dir = jp_data_dir / "kernels" / "mig-python3"
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(None, "Python 3 (MIG slice)")))
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(None, "GPU slice (any)")))
 
     response = await jp_fetch(
         "api", "kernels", method="POST", body=json.dumps({"name": "mig-python3"})

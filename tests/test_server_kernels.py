@@ -33,7 +33,7 @@ def mig_spec(
     monkeypatch.setenv("MIG_KERNEL_BROKER", str(broker.connection_file))
     spec_dir = jp_data_dir / "kernels" / "mig-python3"
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(None, "Python 3 (MIG slice)")))
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(None, "GPU slice (any)")))
     return broker
 
 

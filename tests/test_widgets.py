@@ -4,6 +4,7 @@ brokers (headless: ipywidgets talks to a recording comm), and ``%gpu monitor`` i
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
@@ -146,12 +147,13 @@ def test_mig_layout_is_drawn_on_its_memory_slots() -> None:
     assert "H100-80GB" in markup and "MIG, 8 memory slots" in markup
 
     texts = {k: b["text"] for k, b in blocks.items()}
-    assert texts["gpu0-s1"].startswith("1g.10gb gpu0-s1 free mig 0.00 / 9.75 GiB busy -")
+    assert texts["gpu0-s1"] == "1g.10gb free mig 0.00/9.75 GiB"  # a free slice: two lines
     assert "2g.20gb" in texts["gpu0-s0"] and "leased" in texts["gpu0-s0"]
-    assert "busy 50%" in texts["gpu0-s0"]
+    assert "computing 50%" in texts["gpu0-s0"] and "mig-computing" in blocks["gpu0-s0"]["class"]
+    assert texts["gpu0-s0"].count("GiB") == 1  # one memory line
     assert "broken" in texts["gpu0-s2"] and "failed 3x: <boom>" in texts["gpu0-s2"]
-    assert texts["gpu0-s3"].startswith("3g.40gb gpu0-s3 leased yours mig 2.00 / 39.50 GiB busy 0%")
-    assert "idle release in 2:05" in texts["gpu0-s3"]
+    assert texts["gpu0-s3"] == "3g.40gb leased mig yours 2.00/39.50 GiB idle 2:05"
+    assert "gpu0-s1" in blocks["gpu0-s1"]["title"]  # the id, in the tooltip
     assert "queue: 2 waiting (1 yours)" in markup
 
 
@@ -159,9 +161,13 @@ def test_own_slice_is_highlighted_and_others_show_the_pseudonym_escaped() -> Non
     markup = render_html(h100_state())
     blocks = Blocks(markup).blocks
     mine, theirs = blocks["gpu0-s3"], blocks["gpu0-s0"]
-    assert "mig-mine" in mine["class"].split() and "border:3px solid" in mine["style"]
+    assert "mig-mine" in mine["class"].split() and "border:2px dashed" in mine["style"]
     assert "mig-mine" not in theirs["class"].split() and "border:1px solid" in theirs["style"]
     assert [k for k, b in blocks.items() if "yours" in b["text"]] == ["gpu0-s3"]
+    # the slice of the notebook viewing it: "this notebook", apart from the user's others
+    this = Blocks(render_html(h100_state(), this_slice="gpu0-s3")).blocks["gpu0-s3"]
+    assert "mig-this" in this["class"].split() and "border:3px solid" in this["style"]
+    assert "this notebook" in this["text"] and "yours" not in this["text"]
     # the hostile holder is shown as text, never as markup
     assert "<script>" not in markup and "<img" not in markup and "<boom>" not in markup
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in markup
@@ -172,17 +178,15 @@ def test_own_slice_is_highlighted_and_others_show_the_pseudonym_escaped() -> Non
 def test_idle_countdown_ticks_from_the_time_the_state_arrived() -> None:
     state = {**h100_state(), "received_at": 1000.0}
     mine = Blocks(render_html(state, now=1010.0)).blocks["gpu0-s3"]
-    assert "idle release in 1:55" in mine["text"]  # 125 s - 10 s
+    assert "idle 1:55" in mine["text"]  # 125 s - 10 s: time left, as in the panel
     # a watch state: no expires_in, the timeout the display knows, and the idle time
     state["slices"][3] = {**state["slices"][3], "lease": {"idle_timeout": 600.0}}
     state["slices"][3]["idle_seconds"] = 30.0
-    assert (
-        "idle release in 9:20" in Blocks(render_html(state, now=1010.0)).blocks["gpu0-s3"]["text"]
-    )
+    assert "idle 9:20" in Blocks(render_html(state, now=1010.0)).blocks["gpu0-s3"]["text"]
     state["slices"][3]["lease"] = {"idle_timeout": 0}
     assert "no idle release" in Blocks(render_html(state, now=1010.0)).blocks["gpu0-s3"]["text"]
     state["slices"][3]["lease"] = None  # timeout unknown: the idle time, counting up
-    assert "idle 0:40" in Blocks(render_html(state, now=1010.0)).blocks["gpu0-s3"]["text"]
+    assert "idle for 0:40" in Blocks(render_html(state, now=1010.0)).blocks["gpu0-s3"]["text"]
 
 
 def test_every_state_has_a_label_and_readable_mid_tone_colours() -> None:
@@ -197,8 +201,10 @@ def test_every_state_has_a_label_and_readable_mid_tone_colours() -> None:
         assert contrast(fill, text_colour(fill)) >= 4.5  # text on the fill (WCAG AA)
         assert contrast(fill, "#ffffff") >= 2.0 and contrast(fill, "#111111") >= 4.5  # both themes
     assert len({STATE_FILLS[s] for s in STATE_FILLS}) == len(STATE_FILLS)
-    unused = Blocks(render_html({"gpus": [H100], "slices": slices, "queue": []})).unused
+    markup = render_html({"gpus": [H100], "slices": slices, "queue": []})
+    unused = Blocks(markup).unused
     assert [u["data-slot-start"] for u in unused] == ["6", "7"]  # six instances on 8 slots
+    assert markup.count(">unallocated</div>") == 2  # the side panel's word
 
 
 def test_process_shares_are_equal_parts_and_slot_counts_come_from_the_card_table() -> None:
@@ -327,7 +333,8 @@ def test_own_idle_countdown_ticks_between_publications(
 
         def countdown() -> str | None:
             text = Blocks(monitor.picture.value).blocks[slice_id]["text"]
-            return text.split("idle release in ")[1] if "idle release in " in text else None
+            clock = re.search(r"idle (\d+:\d\d)", text)
+            return clock.group(1) if clock else None
 
         first = wait_until(countdown, timeout=10, what="countdown shown")
         assert "yours" in Blocks(monitor.picture.value).blocks[slice_id]["text"]
@@ -435,7 +442,7 @@ def test_gpu_monitor_magic_displays_a_slice_monitor(
     assert model["_model_name"] == "VBoxModel" and "mig-monitor" in model["_dom_classes"]
     _header_id, picture_id = (child.removeprefix("IPY_MODEL_") for child in model["children"])
     assert 'data-state="leased"' in opened[picture_id]["value"]  # the kernel's own slice
-    assert "yours" in opened[picture_id]["value"]
+    assert "this notebook" in opened[picture_id]["value"]
     check = kernel.run(
         "import ipywidgets.widgets.widget as w\n"
         f"print(type(w._instances[{view['model_id']!r}]).__name__)"

@@ -51,6 +51,8 @@ export interface IQueueEntry {
   tag: string | null;
   waiting_seconds: number;
   kernel_id?: string | null;
+  /** Why one's own request waits: `quota` (for one of one's own slices), `slice` (none free). */
+  waiting_for?: 'quota' | 'slice' | null;
 }
 
 /** `GET slices`: the node as this user sees it (others anonymized). */

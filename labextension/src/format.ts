@@ -1,14 +1,19 @@
-/** Text shown for slices: the same wording in the status bar and in the panel. */
+/**
+ * Text shown for slices: the same wording in the status bar, the panel and the notebook widget
+ * (mig_kernel/partition_view.py): memory as `0.38/9.75 GiB` everywhere.
+ */
 import { IKernelLease, ISlice } from './api';
 
 const GIB = 1024 ** 3;
+/** A busy share from which a slice shows as computing (partition_view.COMPUTING). */
+export const COMPUTING = 0.01;
 
-/** `0.4` for 0.4 GiB (one decimal). */
+/** `0.38` for 0.38 GiB (two decimals, as the notebook widget and `%gpu status`). */
 export function gib(bytes: number): string {
-  return (bytes / GIB).toFixed(1);
+  return (bytes / GIB).toFixed(2);
 }
 
-/** `0.4/9.8 GiB` */
+/** `0.38/9.75 GiB` */
 export function memory(used: number, total: number): string {
   return `${gib(used)}/${gib(total)} GiB`;
 }
@@ -36,13 +41,24 @@ export function remaining(expiresIn: number | null | undefined, elapsedMs: numbe
   return expiresIn === null || expiresIn === undefined ? null : expiresIn - elapsedMs / 1000;
 }
 
-/** `busy 40%`, or '' when the broker has no figure. */
-export function busy(share: number | null): string {
-  return share === null ? '' : `busy ${Math.round(share * 100)}%`;
+/** Whether the broker saw the slice run calls in its last interval. */
+export function computing(slice: ISlice | null | undefined): boolean {
+  return !!slice && slice.state === 'leased' && (slice.busy ?? 0) >= COMPUTING;
 }
 
-/** The status bar text for one kernel: `MIG 1g.10gb · 0.4/9.8 GiB · idle 9:32 · mig`. */
-export function statusText(lease: IKernelLease, elapsedMs: number): string {
+/** `busy 40%` for a leased slice, or '' when the broker has no figure. */
+export function busy(slice: ISlice): string {
+  if (slice.busy === null || slice.busy === undefined || slice.state !== 'leased') {
+    return '';
+  }
+  return `busy ${Math.round(slice.busy * 100)}%`;
+}
+
+/**
+ * The status bar text for one kernel: `MIG 1g.10gb · 0.38/9.75 GiB · idle 9:32 · mig`; while
+ * its notebook runs a cell (`running`), that instead of the idle countdown.
+ */
+export function statusText(lease: IKernelLease, elapsedMs: number, running = false): string {
   if (lease.state === 'queued') {
     const position = lease.queue ? ` #${lease.queue.position}` : '';
     return `GPU slice: queued${position}`;
@@ -55,7 +71,9 @@ export function statusText(lease: IKernelLease, elapsedMs: number): string {
   const parts = [`${kind(info.isolation)} ${info.profile}`];
   parts.push(memory(slice?.memory_used ?? 0, info.memory_total));
   const left = remaining(slice?.lease?.expires_in, elapsedMs);
-  if (left !== null) {
+  if (running || computing(slice)) {
+    parts.push('running');
+  } else if (left !== null) {
     parts.push(`idle ${countdown(left)}`);
   }
   parts.push(info.isolation);

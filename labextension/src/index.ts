@@ -34,7 +34,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const api = new MigApi(app.serviceManager.serverSettings);
     const poller = new SlicePoller(api);
 
-    const view = new PartitionView(api, poller, app.serviceManager.sessions);
+    const view = new PartitionView(api, poller, app.serviceManager.sessions, tracker);
     const panel = createPanel(view);
     app.shell.add(panel, 'right', { rank: 900 });
     restorer?.add(panel, PANEL_ID);

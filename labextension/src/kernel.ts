@@ -58,6 +58,11 @@ export class ActiveKernelLease implements IDisposable {
     return this._error;
   }
 
+  /** Whether the notebook's kernel is running a cell now (its GPU call, for a GPU cell). */
+  get running(): boolean {
+    return this._context?.session?.kernel?.status === 'busy';
+  }
+
   get changed(): ISignal<this, void> {
     return this._changed;
   }

@@ -1,7 +1,11 @@
 /**
  * The right side panel "GPU slices": the partition map of the node, drawn again on each answer
- * of the shared poller, with a Release button on the user's own slices held by a kernel here.
+ * of the shared poller, with the active notebook's slice marked "this notebook" and a Release
+ * button (after a confirmation that says the data is kept) on the user's own slices held by a
+ * kernel here.
  */
+import { Dialog, ISessionContext, showDialog } from '@jupyterlab/apputils';
+import { INotebookTracker } from '@jupyterlab/notebook';
 import { Session } from '@jupyterlab/services';
 import { SidePanel } from '@jupyterlab/ui-components';
 import { Panel, Widget } from '@lumino/widgets';
@@ -14,22 +18,27 @@ import { gpuIcon } from './icon';
 
 export const PANEL_ID = 'mig-kernel-panel';
 const TICK_MS = 1000;
+const MESSAGE_MS = 8000; // how long a note (released, failed) stays before it clears itself
 
 export class PartitionView extends Widget {
   constructor(
     private readonly _api: MigApi,
     private readonly _poller: SlicePoller,
-    private readonly _sessions: Session.IManager
+    private readonly _sessions: Session.IManager,
+    private readonly _tracker: INotebookTracker
   ) {
     super();
     this.addClass('jp-mig-PartitionView');
     _poller.changed.connect(this._render, this);
     _sessions.runningChanged.connect(this._render, this);
-    this._render();
+    _tracker.currentChanged.connect(this._follow, this);
+    this._follow();
   }
 
   dispose(): void {
     clearInterval(this._ticker);
+    clearTimeout(this._messageTimer);
+    this._bind(null);
     super.dispose();
   }
 
@@ -43,11 +52,35 @@ export class PartitionView extends Widget {
     this._ticker = 0;
   }
 
+  /** The active notebook changed: its slice is the one marked "this notebook". */
+  private _follow(): void {
+    this._bind(this._tracker.currentWidget?.sessionContext ?? null);
+    this._render();
+  }
+
+  private _bind(context: ISessionContext | null): void {
+    if (this._context) {
+      this._context.statusChanged.disconnect(this._render, this);
+      this._context.kernelChanged.disconnect(this._render, this);
+    }
+    this._context = context;
+    if (context) {
+      context.statusChanged.connect(this._render, this);
+      context.kernelChanged.connect(this._render, this);
+    }
+  }
+
   private _render(): void {
+    if (this.isDisposed) {
+      return;
+    }
     const { state, error } = this._poller;
     const body: Node[] = [];
     if (this._message) {
-      body.push(el('div', 'jp-mig-Message', this._message));
+      const close = el('button', 'jp-mig-MessageClose', '×');
+      close.title = 'Dismiss';
+      close.addEventListener('click', () => this._note(''));
+      body.push(el('div', 'jp-mig-Message jp-mig-Note', this._message, close));
     }
     if (state === null) {
       body.push(
@@ -61,10 +94,13 @@ export class PartitionView extends Widget {
       if (error) {
         body.push(el('div', 'jp-mig-Message', `Not up to date: ${error.message}`));
       }
+      const kernel = this._context?.session?.kernel ?? null;
       body.push(
         renderNode(state, {
           elapsedMs: Date.now() - this._poller.receivedAt,
           kernelLabel: id => this._notebookOf(id),
+          activeKernel: kernel?.id ?? null,
+          activeRunning: kernel?.status === 'busy',
           onRelease: (id, button) => void this._release(id, button)
         })
       );
@@ -100,22 +136,42 @@ export class PartitionView extends Widget {
     return null;
   }
 
-  private async _release(kernelId: string, button: HTMLButtonElement): Promise<void> {
-    button.disabled = true;
-    button.textContent = 'Releasing…';
-    try {
-      const reply = await this._api.release(kernelId);
-      this._message =
-        `Released lease ${reply.released}: the kernel's device data is kept ` +
-        'and comes back with its next GPU cell.';
-    } catch (error) {
-      this._message = `Release failed: ${(error as Error).message}`;
+  /** A note above the map that clears itself (or on ×), so none outstays its news. */
+  private _note(message: string): void {
+    clearTimeout(this._messageTimer);
+    this._message = message;
+    if (message) {
+      this._messageTimer = window.setTimeout(() => this._note(''), MESSAGE_MS);
     }
-    this._poller.refresh();
     this._render();
   }
 
+  private async _release(kernelId: string, button: HTMLButtonElement): Promise<void> {
+    const notebook = this._notebookOf(kernelId) ?? 'its notebook';
+    const answer = await showDialog({
+      title: 'Release this GPU slice?',
+      body:
+        `The slice of ${notebook} goes back to the pool for others. Its device data is kept ` +
+        'on the host: the next GPU cell of that notebook leases a slice again and gets it back.',
+      buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Release' })]
+    });
+    if (!answer.button.accept) {
+      return;
+    }
+    button.disabled = true;
+    button.textContent = 'Releasing…';
+    try {
+      await this._api.release(kernelId);
+      this._note(`Released the slice of ${notebook}; its data comes back with its next GPU cell.`);
+    } catch (error) {
+      this._note(`Release failed: ${(error as Error).message}`);
+    }
+    this._poller.refresh();
+  }
+
+  private _context: ISessionContext | null = null;
   private _message = '';
+  private _messageTimer = 0;
   private _ticker = 0;
 }
 

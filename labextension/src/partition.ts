@@ -1,18 +1,26 @@
 /**
- * The node's partition map as DOM: per GPU a column of its MIG memory slots with each instance
- * drawn over the slots its placement covers (slices without a placement, such as `process`
- * shares, as equal rows), every slice coloured and labelled by state, the user's own marked
- * "yours", others under their pseudonym; then the queue.
+ * The node's partition map as DOM: the queue first (what waits, and why), then per GPU a column
+ * of its MIG memory slots with each instance drawn over the slots its placement covers (slices
+ * without a placement, such as `process` shares, as equal rows). Every slice is coloured and
+ * labelled by state; the active notebook's own slice says "this notebook", the user's other
+ * slices "yours", others' their pseudonym; a slice running calls says "computing".
+ *
+ * A slice is two or three short lines (a free one, two), so seven slices of a GPU, or four GPUs
+ * of them, stay a compact list.
  */
 import { IGpu, INodeState, IQueueEntry, ISlice } from './api';
 import { el } from './dom';
-import { busy, countdown, gib, memory, remaining } from './format';
+import { busy, computing, countdown, gib, memory, remaining } from './format';
 
 export interface IRenderOptions {
   /** Milliseconds since the state arrived (for idle countdowns). */
   elapsedMs: number;
   /** The notebook (session path) of a kernel of this server, when known. */
   kernelLabel: (kernelId: string) => string | null;
+  /** The kernel of the active notebook: its slice is "this notebook". */
+  activeKernel: string | null;
+  /** Whether the active notebook's kernel is running a cell now. */
+  activeRunning: boolean;
   /** The user clicked "Release" on an own slice held by that kernel. */
   onRelease: (kernelId: string, button: HTMLButtonElement) => void;
 }
@@ -20,15 +28,21 @@ export interface IRenderOptions {
 export function renderNode(state: INodeState, options: IRenderOptions): HTMLElement {
   const root = el('div', 'jp-mig-Node');
   const leased = state.slices.filter(s => s.state === 'leased').length;
+  const yours = state.slices.filter(s => s.mine).length;
   const count = state.slices.length === 1 ? '1 slice' : `${state.slices.length} slices`;
+  const mine = yours ? `, ${yours} yours` : '';
   root.append(
-    el('div', 'jp-mig-Summary', `${state.node} · ${state.backend} · ${count}, ${leased} leased`)
+    el(
+      'div',
+      'jp-mig-Summary',
+      `${state.node} · ${state.backend} · ${count}, ${leased} leased${mine}`
+    )
   );
+  root.append(renderQueue(state.queue, options));
   for (const gpu of gpusOf(state)) {
     const slices = state.slices.filter(s => s.gpu === gpu.index);
     root.append(renderGpu(gpu, slices, options));
   }
-  root.append(renderQueue(state.queue, options.elapsedMs));
   return root;
 }
 
@@ -69,7 +83,7 @@ function renderGpu(gpu: IGpu, slices: ISlice[], options: IRenderOptions): HTMLEl
   );
   const map = el('div', 'jp-mig-Map');
   const rows = (placed.length ? slots : 0) + shares.length;
-  map.style.gridTemplateRows = `repeat(${Math.max(rows, 1)}, minmax(2.5em, auto))`;
+  map.style.gridTemplateRows = `repeat(${Math.max(rows, 1)}, minmax(1.6em, auto))`;
   if (placed.length) {
     for (let slot = 0; slot < slots; slot++) {
       const label = el('div', 'jp-mig-SlotLabel', String(slot));
@@ -84,6 +98,7 @@ function renderGpu(gpu: IGpu, slices: ISlice[], options: IRenderOptions): HTMLEl
       map.append(place(renderSlice(slice, options), start, size));
     }
     for (const [start, size] of gaps(covered)) {
+      // The notebook widget's word too: memory slots no instance was made on.
       const gap = el('div', 'jp-mig-Unallocated', 'unallocated');
       map.append(place(gap, start, size));
     }
@@ -127,22 +142,47 @@ function gaps(covered: boolean[]): [number, number][] {
 
 function renderSlice(slice: ISlice, options: IRenderOptions): HTMLElement {
   const node = el('div', `jp-mig-Slice jp-mig-state-${slice.state}`);
+  const here = slice.mine && !!slice.kernel_id && slice.kernel_id === options.activeKernel;
+  const active = computing(slice) || (here && options.activeRunning);
   node.dataset.migSlice = slice.id;
   node.dataset.migState = slice.state;
   node.dataset.migMine = String(slice.mine);
-  if (slice.mine) {
-    node.classList.add('jp-mig-mine');
-  }
+  node.dataset.migThis = String(here);
+  node.dataset.migBusy = String(active);
+  node.classList.toggle('jp-mig-mine', slice.mine);
+  node.classList.toggle('jp-mig-this', here);
   const head = el(
     'div',
     'jp-mig-SliceHead',
     el('span', 'jp-mig-Profile', slice.profile),
-    el('span', `jp-mig-Badge jp-mig-Badge-${slice.state}`, slice.state),
-    slice.mine ? el('span', 'jp-mig-Badge jp-mig-Yours', 'yours') : null
+    el('span', `jp-mig-Badge jp-mig-Badge-${slice.state}`, slice.state)
   );
-  const facts = [slice.isolation, memory(slice.memory_used, slice.memory_total)];
-  const load = busy(slice.busy);
-  if (load) {
+  if (here) {
+    head.append(el('span', 'jp-mig-Badge jp-mig-This', 'this notebook'));
+  } else if (slice.mine) {
+    head.append(el('span', 'jp-mig-Badge jp-mig-Yours', 'yours'));
+  }
+  if (active) {
+    const activity = el('span', 'jp-mig-Activity', el('span', 'jp-mig-Pulse'), 'computing');
+    activity.title = computing(slice)
+      ? 'The slice ran calls in the last few seconds'
+      : "This notebook's kernel is running a cell";
+    head.append(activity);
+  }
+  if (slice.mine && slice.kernel_id) {
+    const kernelId = slice.kernel_id;
+    const button = el('button', 'jp-mig-Release', 'Release');
+    button.title =
+      'Give the slice back to the pool; its device data is kept and comes back ' +
+      "with the kernel's next GPU cell";
+    button.addEventListener('click', () => options.onRelease(kernelId, button));
+    head.append(button);
+  }
+  // The isolation is the GPU's title ("MIG, simulated", "no MIG") and the tooltip's: one line
+  // fewer per slice, so a narrow panel holds a GPU's seven slices.
+  const facts = [memory(slice.memory_used, slice.memory_total)];
+  const load = busy(slice);
+  if (load && !computing(slice) && load !== 'busy 0%') {
     facts.push(load);
   }
   const details = el('div', 'jp-mig-SliceFacts', facts.join(' · '));
@@ -151,23 +191,15 @@ function renderSlice(slice: ISlice, options: IRenderOptions): HTMLElement {
     const clock = el('span', 'jp-mig-Countdown');
     clock.dataset.migExpires = String(expires);
     clock.textContent = idleText(expires, options.elapsedMs);
+    clock.title = 'Time left before the slice goes back to the pool (your data is kept)';
     details.append(' · ', clock);
   }
   node.append(head, details);
-  const who = holderText(slice, options);
+  const who = here ? '' : holderText(slice, options);
   if (who) {
     node.append(el('div', 'jp-mig-Holder', who));
   }
-  node.title = `${slice.id} (${slice.uuid})`;
-  if (slice.mine && slice.kernel_id) {
-    const kernelId = slice.kernel_id;
-    const button = el('button', 'jp-mig-Release jp-Button jp-mod-styled jp-mod-warn', 'Release');
-    button.title =
-      'Give the slice back to the pool; its device data is kept and comes back ' +
-      "with the kernel's next GPU cell";
-    button.addEventListener('click', () => options.onRelease(kernelId, button));
-    node.append(button);
-  }
+  node.title = `${slice.id} (${slice.uuid}) · isolation ${slice.isolation}`;
   return node;
 }
 
@@ -183,9 +215,9 @@ function holderText(slice: ISlice, options: IRenderOptions): string {
   }
   const notebook = slice.kernel_id ? options.kernelLabel(slice.kernel_id) : null;
   if (notebook) {
-    return `held by your kernel of ${notebook}`;
+    return `in ${notebook}`;
   }
-  return slice.kernel_id ? 'held by your kernel' : 'held by you (outside this server)';
+  return slice.kernel_id ? 'in a kernel of yours' : ''; // outside this server: the badge says it
 }
 
 export function idleText(expiresIn: number, elapsedMs: number): string {
@@ -196,7 +228,7 @@ export function waitingText(waitingSeconds: number, elapsedMs: number): string {
   return `waiting ${countdown(waitingSeconds + elapsedMs / 1000)}`;
 }
 
-function renderQueue(queue: IQueueEntry[], elapsedMs: number): HTMLElement {
+function renderQueue(queue: IQueueEntry[], options: IRenderOptions): HTMLElement {
   const section = el('section', 'jp-mig-Queue');
   section.dataset.migQueue = String(queue.length);
   const waiting = queue.length === 1 ? '1 request waiting' : `${queue.length} requests waiting`;
@@ -204,18 +236,33 @@ function renderQueue(queue: IQueueEntry[], elapsedMs: number): HTMLElement {
   if (queue.length) {
     const list = el('ol', 'jp-mig-QueueList');
     for (const entry of queue) {
-      const who = entry.mine ? 'you' : entry.holder;
-      const clock = el('span', 'jp-mig-Waiting', waitingText(entry.waiting_seconds, elapsedMs));
-      clock.dataset.migWaiting = String(entry.waiting_seconds);
-      const item = el(
-        'li',
-        entry.mine ? 'jp-mig-mine' : '',
-        `#${entry.position} ${entry.profile ?? 'any slice'} · ${who} · `,
-        clock
-      );
-      list.append(item);
+      list.append(renderWaiter(entry, options));
     }
     section.append(list);
   }
   return section;
+}
+
+function renderWaiter(entry: IQueueEntry, options: IRenderOptions): HTMLElement {
+  let who = entry.holder;
+  if (entry.mine) {
+    const notebook = entry.kernel_id ? options.kernelLabel(entry.kernel_id) : null;
+    who = notebook ? `you (${notebook})` : 'you';
+  }
+  const clock = el('span', 'jp-mig-Waiting', waitingText(entry.waiting_seconds, options.elapsedMs));
+  clock.dataset.migWaiting = String(entry.waiting_seconds);
+  const item = el(
+    'li',
+    entry.mine ? 'jp-mig-mine' : '',
+    `#${entry.position} ${entry.profile ?? 'any slice'} · ${who} · `,
+    clock
+  );
+  if (entry.waiting_for === 'quota') {
+    const why = el('div', 'jp-mig-Why', 'waits for one of your slices: release one below');
+    why.title =
+      'You hold as many slices as one user may; this request gets the next one you release';
+    item.append(why);
+  }
+  item.dataset.migWaitingFor = entry.waiting_for ?? '';
+  return item;
 }

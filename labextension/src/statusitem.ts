@@ -25,12 +25,14 @@ export class SliceStatusItem extends Widget {
     let text: string;
     let title: string;
     if (lease !== null) {
-      text = statusText(lease, Date.now() - this._model.receivedAt);
+      text = statusText(lease, Date.now() - this._model.receivedAt, this._model.running);
       const slice = lease.slice;
       title = slice
         ? `Slice ${slice.id} (${slice.uuid}), lease ${slice.lease?.id ?? '?'}; ` +
           'idle: time left before the slice goes back to the pool (your data is kept)'
-        : 'This kernel holds no GPU slice; its next GPU cell leases one';
+        : lease.state === 'queued'
+          ? 'Waiting in the queue for a GPU slice; the GPU slices panel shows why'
+          : 'This kernel holds no GPU slice; its next GPU cell asks for one';
     } else if (error !== null) {
       text = 'GPU slice: ?';
       title = `mig-kernel: ${error.message}`;
@@ -40,6 +42,7 @@ export class SliceStatusItem extends Widget {
     }
     this.node.textContent = text;
     this.node.title = title;
+    this.node.dataset.migRunning = String(lease?.state === 'leased' && text.includes('running'));
     this._tick(lease?.slice?.lease?.expires_in != null);
   }
 

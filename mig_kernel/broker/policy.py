@@ -10,34 +10,67 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
-from traitlets import Dict, Int, List, Set, Unicode
+from traitlets import Dict, Enum, Int, List, Set, Unicode, Union
 from traitlets.config import LoggingConfigurable
 
 from ..slices.model import SliceInfo
 from ..wire import errors as E
 from .identity import Identity
-from .state import Lease, Request, SliceRecord, Ticket
+from .state import Request, SliceRecord, Ticket
 
 ANYONE = "*"  # the allowed_profiles key that applies to every user
+ALL = "all"  # a limit of "all": as many slices as the node has
+KERNEL_TAG = "kernel:"  # the provisioner labels a kernel's lease kernel:<kernel id>
+
+
+def limit_trait(default: int | str = 1, **kwargs: object) -> Union:
+    """A number of slices, or "all" (no limit of its own: what the node has)."""
+    return Union([Int(min=0), Enum([ALL])], default_value=default, **kwargs)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One slice a user holds, as a refusal or a queued request of theirs names it: the user
+    must learn which of their notebooks to go to, not a lease id."""
+
+    lease_id: str
+    slice_id: str
+    profile: str
+    idle_seconds: float
+    label: str | None = None  # the holder's notebook, as its kernel told the broker
+    tag: str | None = None
+
+    def text(self) -> str:
+        where = f"{self.profile} on {self.slice_id}, idle {_clock(self.idle_seconds)}"
+        if self.label:
+            return f"{self.label} ({where}, lease {self.lease_id})"
+        if self.tag and self.tag.startswith(KERNEL_TAG):
+            kernel = self.tag[len(KERNEL_TAG) :]
+            return f"the notebook of kernel {kernel[:8]} ({where}, lease {self.lease_id})"
+        return f"lease {self.lease_id} ({where}; not a notebook)"
 
 
 class LeasePolicy(LoggingConfigurable):
     """Per-user and per-group rules, configured as ``c.LeasePolicy.<name>``."""
 
-    per_user_limit = Int(
+    per_user_limit = limit_trait(
         1,
-        help="Slices one user may hold at once, unless user_limits or group_limits say "
-        "otherwise. A request beyond it is refused with the leases the user holds.",
+        help="Slices one user may hold at once (a number, or 'all': as many as the node has), "
+        "unless user_limits or group_limits say otherwise. A request beyond it waits in the "
+        "queue, told which of the user's notebooks hold their slices, until one is released; "
+        "one that asked not to wait is refused with the same names. `mig-kernel lab` starts "
+        "its broker with 'all' (one person at the machine).",
     ).tag(config=True)
     user_limits = Dict(
         key_trait=Unicode(),
-        value_trait=Int(),
+        value_trait=limit_trait(),
         help="Slices per user for named users, e.g. {'alice': 2}; wins over group_limits.",
     ).tag(config=True)
     group_limits = Dict(
         key_trait=Unicode(),
-        value_trait=Int(),
+        value_trait=limit_trait(),
         help="Slices per user for members of a group, e.g. {'gpu-power': 4}; a user in several "
         "listed groups gets the largest. Groups are the OS groups of the user.",
     ).tag(config=True)
@@ -93,19 +126,37 @@ class LeasePolicy(LoggingConfigurable):
         return who.user == owner or who.admin
 
     # -- how many -----------------------------------------------------------------------
-    def limit_for(self, who: Identity) -> int:
+    def limit_for(self, who: Identity) -> int | None:
+        """Slices ``who`` may hold at once; None: no limit of its own (the node's size)."""
         if who.user in self.user_limits:
-            return self.user_limits[who.user]
-        by_group = [self.group_limits[g] for g in who.groups if g in self.group_limits]
-        return max(by_group) if by_group else self.per_user_limit
+            return _number(self.user_limits[who.user])
+        by_group = [_number(self.group_limits[g]) for g in who.groups if g in self.group_limits]
+        if by_group:
+            return None if None in by_group else max(n for n in by_group if n is not None)
+        return _number(self.per_user_limit)
 
-    def check_quota(self, who: Identity, held: Sequence[Lease]) -> None:
+    def at_limit(self, who: Identity, held: int) -> bool:
         limit = self.limit_for(who)
-        if len(held) >= limit:
+        return limit is not None and held >= limit
+
+    def check_quota(self, who: Identity, held: Sequence[Holding]) -> None:
+        """Refuse a request that may not wait (``wait=False``) beyond the user's limit."""
+        if self.at_limit(who, len(held)):
             raise E.QuotaExceeded(
-                f"user {who.user!r} already holds {len(held)} of {limit} allowed slice(s) "
-                f"({', '.join(lease.id for lease in held)}); release one first"
+                f"user {who.user!r} already holds {len(held)} of {self.limit_for(who)} "
+                f"allowed slice(s): {holdings_text(held)}; {FREE_ONE}",
+                held=[h.lease_id for h in held],
             )
+
+    def quota_wait(self, who: Identity, held: Sequence[Holding]) -> str | None:
+        """Why a queued request of ``who`` waits for one of their own slices (one line), or
+        None when their limit is not what holds it back."""
+        if not self.at_limit(who, len(held)):
+            return None
+        return (
+            f"you hold {len(held)} of the {self.limit_for(who)} GPU slice(s) one user may "
+            f"hold here: {holdings_text(held)}. This waits until one is released; {FREE_ONE}"
+        )
 
     # -- what ---------------------------------------------------------------------------
     def profiles_for(self, who: Identity) -> set[str] | None:
@@ -131,6 +182,28 @@ class LeasePolicy(LoggingConfigurable):
                 f"user {who.user!r} may not lease {describe(request)} on this node by its "
                 f"policy; allowed profiles: {', '.join(sorted(allowed)) or 'none'}"
             )
+
+
+FREE_ONE = (
+    "to free one, run `%gpu release` in that notebook (its data is kept) or press Release in "
+    "JupyterLab's GPU slices panel"
+)
+
+
+def holdings_text(held: Sequence[Holding]) -> str:
+    return "; ".join(h.text() for h in held) or "none"
+
+
+def _number(limit: int | str) -> int | None:
+    return None if limit == ALL else int(limit)
+
+
+def _clock(seconds: float) -> str:
+    whole = max(0, int(seconds))
+    hours, rest = divmod(whole, 3600)
+    if hours:
+        return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{rest // 60}:{rest % 60:02d}"
 
 
 def _listing(users: Iterable[str], groups: Iterable[str]) -> str:
@@ -174,7 +247,7 @@ def queue_grants(
     queue: Sequence[Ticket],
     free: Sequence[SliceRecord],
     held: Counter[str],
-    limit: Callable[[Ticket], int],
+    limit: Callable[[Ticket], int | None],
     may_use: Callable[[Ticket, SliceInfo], bool],
 ) -> list[tuple[Ticket, SliceRecord]]:
     """Which queued requests the free slices go to: oldest first, each to its best fit among
@@ -186,7 +259,8 @@ def queue_grants(
     for ticket in queue:
         if not free:
             break
-        if held[ticket.user] >= limit(ticket):
+        most = limit(ticket)
+        if most is not None and held[ticket.user] >= most:
             continue
         record = best_fit(ticket.request, (r for r in free if may_use(ticket, r.info)))
         if record is None:

@@ -620,6 +620,7 @@ class Broker(LoggingConfigurable):
         restore = self._field(body, "restore", str, None)
         idle_timeout = self._field(body, "idle_timeout", (int, float), None)
         tag = self._field(body, "tag", str, None)
+        label = self._field(body, "label", str, None)
         if memory is not None and memory <= 0:
             raise E.BadRequest(f"memory must be a positive number of bytes, got {memory}")
         if timeout is not None and timeout < 0:
@@ -628,7 +629,10 @@ class Broker(LoggingConfigurable):
             raise E.BadRequest(f"idle_timeout must be positive seconds, got {idle_timeout}")
         if tag is not None and len(tag) > 200:
             raise E.BadRequest(f"tag is {len(tag)} characters long; at most 200 are allowed")
-        request = Request(profile, memory, float(idle_timeout) if idle_timeout else None, tag)
+        if label is not None and len(label) > 1000:
+            raise E.BadRequest(f"label is {len(label)} characters long; at most 1000 are allowed")
+        idle = float(idle_timeout) if idle_timeout else None
+        request = Request(profile, memory, idle, tag, label)
 
         granted = self._lease_for_ticket(client, ticket_id)
         pending = self.pending_grants.get(granted.id) if granted is not None else None
@@ -646,17 +650,19 @@ class Broker(LoggingConfigurable):
 
         who = client.identity
         self.policy.check_request(who, request, [r.info for r in self.slices.values()])
-        held = [lease for lease in self.leases.values() if lease.owner == client.user]
-        self.policy.check_quota(who, held)
-        usable = [r for r in self._free_slices() if self.policy.may_use(who, r.info)]
-        record = P.best_fit(request, usable)
-        if record is not None:
-            lease = self._grant(record, client, request, ticket_id)
-            self.metrics.grant_latency.observe(time.perf_counter() - req.received)
-            return self._answer_grant(lease, req.route, req.msg.id, client, restore)
-        if not wait:
-            raise E.NoCapacity(f"no free slice fits {P.describe(request)}; all are busy")
         now = time.time()
+        held = self._holdings(client.user, now)
+        if not wait:
+            self.policy.check_quota(who, held)
+        if not self.policy.at_limit(who, len(held)):  # at the limit: wait for one's own slice
+            usable = [r for r in self._free_slices() if self.policy.may_use(who, r.info)]
+            record = P.best_fit(request, usable)
+            if record is not None:
+                lease = self._grant(record, client, request, ticket_id)
+                self.metrics.grant_latency.observe(time.perf_counter() - req.received)
+                return self._answer_grant(lease, req.route, req.msg.id, client, restore)
+            if not wait:
+                raise E.NoCapacity(f"no free slice fits {P.describe(request)}; all are busy")
         ticket = Ticket(
             id=ticket_id,
             client_id=client.id,
@@ -857,12 +863,41 @@ class Broker(LoggingConfigurable):
         return self.idle_timeout
 
     def _queued_json(self, ticket: Ticket) -> dict[str, Any]:
+        """A queued answer: the place in the queue, and why it waits (``waiting_for``:
+        ``quota`` when the user's own slices hold it back, with their notebooks named in
+        ``reason``; ``slice`` when nothing that fits is free)."""
+        waiting_for, reason = self._queue_reason(ticket, time.time())
         return {
             "status": "queued",
             "ticket": ticket.id,
             "position": self.queue.index(ticket) + 1,
             "queue_length": len(self.queue),
+            "waiting_for": waiting_for,
+            "reason": reason,
         }
+
+    def _queue_reason(self, ticket: Ticket, now: float) -> tuple[str, str]:
+        client = self.clients.get(ticket.client_id)
+        who = client.identity if client is not None else Identity(ticket.user)
+        reason = self.policy.quota_wait(who, self._holdings(ticket.user, now))
+        if reason is not None:
+            return "quota", reason
+        return "slice", f"every slice that fits {P.describe(ticket.request)} is in use"
+
+    def _holdings(self, user: str, now: float) -> list[P.Holding]:
+        """The user's leases as refusals and queued answers name them (notebook, idle)."""
+        return [
+            P.Holding(
+                lease.id,
+                lease.slice_id,
+                self.slices[lease.slice_id].info.profile,
+                now - lease.last_active,
+                lease.request.label,
+                lease.request.tag,
+            )
+            for lease in self.leases.values()
+            if lease.owner == user
+        ]
 
     def request_cancel(self, req: Incoming) -> dict[str, Any]:
         assert req.client is not None
@@ -1073,6 +1108,8 @@ class Broker(LoggingConfigurable):
                     "mine": mine,
                     "tag": ticket.request.tag if full else None,
                     "waiting_seconds": round(now - ticket.enqueued, 3),
+                    # why it waits, to its owner (names their notebooks): quota | slice
+                    "waiting_for": self._queue_reason(ticket, now)[0] if full else None,
                 }
             )
         return {

@@ -27,13 +27,16 @@ def new_id(prefix: str) -> str:
 @dataclass
 class Request:
     """What a client asked for: a profile, or a minimum of memory, or anything; and, for the
-    lease it gets, a shorter idle timeout and a tag (who in the user's processes holds it, for
-    example ``kernel:<kernel id>``, so a restarted kernel or its provisioner finds it again)."""
+    lease it gets, a shorter idle timeout, a tag (who in the user's processes holds it, for
+    example ``kernel:<kernel id>``, so a restarted kernel or its provisioner finds it again) and
+    a label (what the user calls the holder: the kernel's notebook path), which refusals and
+    queued answers name, shown to the owner only."""
 
     profile: str | None = None
     memory: int | None = None
     idle_timeout: float | None = None
     tag: str | None = None
+    label: str | None = None
 
     def fits(self, info: SliceInfo) -> bool:
         if self.profile is not None and info.profile != self.profile:
@@ -46,6 +49,7 @@ class Request:
             "memory": self.memory,
             "idle_timeout": self.idle_timeout,
             "tag": self.tag,
+            "label": self.label,
         }
 
 

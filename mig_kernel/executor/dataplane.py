@@ -14,9 +14,11 @@ fill, or none, and then the arrays travel back as frames of the reply.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import io
+import itertools
 import json
 import pickle
 import sys
@@ -36,7 +38,9 @@ import zmq
 from ..wire import payload
 from ..wire.arena import ArenaMap
 from ..wire.messages import INLINE_BYTES
-from .runtime import Runtime
+from . import simxp
+from .display import DisplayBridge
+from .runtime import CAP_EXCEEDED, Runtime, cap_message, needed_bytes
 
 STREAMS = "inproc://executor-streams"  # what a running call prints, to the socket's holder
 
@@ -45,6 +49,12 @@ STREAMS = "inproc://executor-streams"  # what a running call prints, to the sock
 Sender = Callable[[bytes, str, dict[str, Any], Sequence[Any]], None]
 Reply = tuple[str, dict[str, Any], tuple[Any, ...]]  # (message type, body, payload frames)
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)  # results that hold no handle
+# Libraries whose objects hold host data only: on a GPU they refuse CuPy arrays, so on a sim
+# slice a device array found inside one of their objects comes back as host data, as the GPU
+# run (after the .get() it would have needed) gives it. See ``_keep_on_device``.
+HOST_LIBRARIES = frozenset(
+    "pandas matplotlib scipy sklearn PIL xarray polars pyarrow seaborn statsmodels IPython".split()  # noqa: SIM905
+)
 
 
 class UnknownHandle(KeyError):
@@ -102,13 +112,14 @@ class DataPlane:
         self.busy_seconds = 0.0  # time spent in calls, for the broker's busy share
         self.kernels: dict[tuple[str, str], Any] = {}
         self.functions: OrderedDict[bytes, Any] = OrderedDict()
+        self.display = DisplayBridge(self._publish_display)  # rich output (display.py)
 
     def close(self) -> None:
         self.streams.close(linger=0)
 
     # ---------------------------------------------------------------- shared helpers
     def _error_reply(self, job: Job, exc: BaseException) -> Reply:
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        tb = "".join(_hide_frames(traceback.TracebackException.from_exception(exc)).format())
         try:
             pickled = cloudpickle.dumps(exc)
             cloudpickle.loads(pickled)  # rebuildable on this side at least
@@ -128,10 +139,23 @@ class DataPlane:
 
     def stream(self, job: Job, name: str, text: str) -> None:
         """Output of a running call, queued for whichever thread holds the socket."""
-        body = {"call_id": job.call_id, "name": name, "text": text}
+        self._queue(job, "stream", {"call_id": job.call_id, "name": name, "text": text})
+
+    def _queue(self, job: Job, kind: str, body: dict[str, Any]) -> None:
         with self.stream_lock:
-            self.streams.send_pyobj((job.route, body))
+            self.streams.send_pyobj((job.route, kind, body))
             self.streamed += 1
+
+    def _publish_display(self, kind: str, content: dict[str, Any]) -> None:
+        """A display of the running call (display.py), after what it printed so far: the
+        caller replays both in the order they happened. Outside a call (a thread the user
+        left running) there is no one to show it to."""
+        job = self.current
+        if job is None:
+            return
+        self.stdout.flush()
+        self.stderr.flush()
+        self._queue(job, "display", {"call_id": job.call_id, "kind": kind, **content})
 
     def memory_used(self) -> int:
         if self.runtime.name == "cupy":
@@ -144,10 +168,7 @@ class DataPlane:
             return
         with self.lock:
             if self.accounted + nbytes > self.memory_limit:
-                raise MemoryError(
-                    f"slice memory cap exceeded: cap {self.memory_limit / 2**30:.2f} GiB, in use "
-                    f"{self.accounted / 2**30:.2f} GiB, this needs {nbytes / 2**30:.2f} GiB more"
-                )
+                raise MemoryError(cap_message(self.memory_limit, self.accounted, nbytes))
             self.accounted += nbytes
 
     def _release(self, nbytes: int) -> None:
@@ -283,7 +304,28 @@ class DataPlane:
             return self._to_device(job, job.buffers[index], dtype, shape)
         if kind in ("h", "obj"):
             return self.lookup(int(pid[1]))
+        if kind == "host" and len(pid) == 2 and isinstance(pid[1], tuple):
+            return self._to_host_copy(job, pid[1])
         raise ValueError(f"unknown persistent id {kind!r}")
+
+    def _to_host_copy(self, job: Job, inner: tuple[Any, ...]) -> Any:
+        """An argument that arrives as host data (numpy), not staged to the device: a copy,
+        since the arena region it came in is the caller's again once the call ends."""
+        if inner[0] == "arr":
+            _, segment, offset, nbytes, dtype, shape = inner
+            data = self.arena.view(segment, offset, nbytes)
+        elif inner[0] == "buf":
+            _, index, dtype, shape = inner
+            if not isinstance(index, int) or not 0 <= index < len(job.buffers):
+                raise ValueError(f"array buffer {index!r} is not in the message")
+            data = job.buffers[index]
+        else:
+            raise ValueError(f"unknown host array id {inner[0]!r}")
+        dtype, shape = np.dtype(dtype), tuple(shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if len(data) != nbytes:
+            raise ValueError(f"array of {shape} {dtype} needs {nbytes} bytes, got {len(data)}")
+        return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
     def _to_device(self, job: Job, data: Any, dtype: Any, shape: Any) -> Any:
         """An argument's bytes (arena region or message frame) as a device array."""
@@ -372,58 +414,115 @@ class DataPlane:
         self.stderr.attach(job)
         try:
             if self.runtime.name == "numpy":
-                return fn(*args, **kwargs)
+                with self._sim_cap():
+                    return fn(*args, **kwargs)
             with self.runtime.compute(job.ready_event):
                 return fn(*args, **kwargs)
         finally:
+            # As at the end of a cell: figures the call made are shown (and closed) now,
+            # before its result is pickled and while its output still goes to the caller.
+            self.display.after_call()
             self.stdout.detach()
             self.stderr.detach()
 
+    def _sim_cap(self) -> Any:
+        """A sim call may allocate what the slice has left (runtime.SimMemoryCap)."""
+        cap = self.runtime.sim_cap
+        if cap is None or self.memory_limit is None:
+            return contextlib.nullcontext()
+        with self.lock:
+            room = self.memory_limit - self.accounted
+        return cap.limit(room)
+
     def _explain_memory(self, exc: BaseException) -> BaseException:
-        """CuPy's out-of-memory error, restated with the slice's cap and current use."""
-        if self.runtime.name == "cupy" and isinstance(exc, MemoryError):
+        """An out-of-memory error of the running call (CuPy's pool limit on a GPU, the data
+        limit on a sim slice), restated as the slice's cap, its use and the allocation that
+        failed, in one wording for both; its traceback (the user's line) is kept."""
+        if not isinstance(exc, MemoryError) or str(exc).startswith(CAP_EXCEEDED):
+            return exc
+        if self.runtime.name == "cupy":
             limit = self.memory_limit or self.runtime.device.get("memory_total", 0)
-            return MemoryError(
-                f"slice memory cap exceeded: cap {limit / 2**30:.2f} GiB, in use "
-                f"{self.memory_used() / 2**30:.2f} GiB ({exc})"
-            )
-        return exc
+            used = self.memory_used()
+        elif self.memory_limit is not None and self.runtime.sim_cap is not None:
+            limit = self.memory_limit
+            used = self.accounted + self.runtime.sim_cap.grown()
+        else:
+            return exc
+        return MemoryError(cap_message(limit, used, needed_bytes(exc))).with_traceback(
+            exc.__traceback__
+        )
 
     def _pickle_result(self, result: Any) -> bytes:
         """Pickle a result; if that fails (an object that cannot leave this process), the whole
         result stays here as one opaque handle. Handles made by a failed attempt are dropped."""
         if type(result) in _PLAIN:  # no handle can be in it: the plain pickler says it all
             return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-        made: dict[int, tuple[Any, ...]] = {}  # id(obj) -> pid: the fallback pickler reuses it
+        return self._pickle_kept(result, {})
+
+    def _pickle_kept(self, value: Any, made: dict[int, Any], *, host: bool = False) -> bytes:
+        """``value`` pickled with its device data kept here as handles (``_keep_on_device``);
+        if it cannot be pickled, it stays here as one opaque handle. ``made`` (id(obj) -> pid)
+        is shared by the nested pickles of one result, so an object met twice is one handle;
+        the handles of a failed attempt are dropped from it and freed."""
+        mine: list[int] = []  # keys of ``made`` this attempt added
 
         def keep(obj: Any) -> tuple[Any, ...] | None:
             pid = made.get(id(obj))
-            if pid is None:
-                pid = self._keep_on_device(obj)
-                if pid is not None:
-                    made[id(obj)] = pid
+            if pid is not None and not (host and pid[0] == "h"):  # no handle inside host data
+                return pid
+            pid = self._keep_on_device(obj, made, host)
+            if pid is not None and pid[0] in ("h", "obj"):
+                made[id(obj)] = pid
+                mine.append(id(obj))
             return pid
 
+        def drop() -> None:
+            self.free([made.pop(key)[1] for key in mine])
+
         try:
-            return payload.dumps(result, keep)
+            return payload.dumps(value, keep)
         except MemoryError:
-            self.free([pid[1] for pid in made.values()])
+            drop()
             raise  # the result exceeds the slice's memory cap: an error, not a handle
         except Exception:
-            self.free([pid[1] for pid in made.values()])
-            name = f"{type(result).__module__}.{type(result).__qualname__}"
-            opaque = _Opaque(self.store(result), name)
+            drop()
+            name = f"{type(value).__module__}.{type(value).__qualname__}"
+            opaque = _Opaque(self.store(value), name)
             return payload.dumps(opaque, lambda o: o.pid() if isinstance(o, _Opaque) else None)
 
-    def _keep_on_device(self, obj: Any) -> tuple[Any, ...] | None:
-        """Results: device arrays and device-resident objects stay here as handles."""
+    def _keep_on_device(
+        self, obj: Any, made: dict[int, Any], host: bool = False
+    ) -> tuple[Any, ...] | None:
+        """Which objects of a result stay here, as what (payload.py lists the persistent ids):
+
+        - device arrays (CuPy's; a sim slice's ``SimDeviceArray``): handles, ``RemoteArray``;
+        - other CuPy objects, and PyTorch tensors and modules holding device memory: opaque
+          handles (a CPU tensor or model is host data and is pickled);
+        - a ``payload.Parts``: each value pickled on its own;
+        - on a sim slice, an object of a host library (``HOST_LIBRARIES``: pandas,
+          matplotlib...) is pickled on its own with ``host`` set, where a device array is
+          pickled as the NumPy array it is (simxp.py): a sim device array is NumPy memory,
+          and pandas or matplotlib keep what they are given, but they hold host data only, so
+          no handle must ever land inside them.
+        Everything else is pickled (host objects come back as themselves)."""
+        kind = type(obj)
+        if kind is payload.Parts:
+            return (
+                "parts",
+                {str(k): self._pickle_kept(v, made, host=host) for k, v in obj.items()},
+            )
         if self.runtime.is_device_array(obj):
+            if host:
+                return None  # SimDeviceArray pickles as a plain ndarray
             nbytes = int(obj.nbytes)
             self._account(nbytes)
             return ("h", self.store(obj), tuple(obj.shape), np.dtype(obj.dtype), nbytes)
-        module = type(obj).__module__ or ""
-        if module.startswith("torch") or module.startswith("cupy"):
-            return ("obj", self.store(obj), f"{module}.{type(obj).__qualname__}")
+        module = kind.__module__ or ""
+        top = module.partition(".")[0]
+        if top in ("cupy", "cupyx") or _torch_on_device(obj):
+            return ("obj", self.store(obj), f"{module}.{kind.__qualname__}")
+        if not host and self.runtime.name == "numpy" and top in HOST_LIBRARIES:
+            return ("pickle", self._pickle_kept(obj, made, host=True))
         return None
 
     # ---------------------------------------------------------------- call-level remoting
@@ -501,6 +600,41 @@ class DataPlane:
         with self.lock:
             self.next_handle = max(self.next_handle, int(manifest["next_handle"]))
         return {"restored": restored}
+
+
+# Frames a remote traceback leaves out: the sim ``xp``'s wrappers stand between the user's
+# line and NumPy's (``xp.ones`` -> ``numpy.ones``), where CuPy has no Python frame of ours.
+_HIDDEN_FILES = frozenset({simxp.__file__})
+
+
+def _hide_frames(report: traceback.TracebackException) -> traceback.TracebackException:
+    """``report`` (and the exceptions chained to it) without the frames of ``_HIDDEN_FILES``."""
+    seen: set[int] = set()
+    todo = [report]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        frames = [f for f in current.stack if f.filename not in _HIDDEN_FILES]
+        if len(frames) != len(current.stack):
+            current.stack = traceback.StackSummary.from_list(frames)
+        todo.extend(c for c in (current.__cause__, current.__context__) if c is not None)
+        todo.extend(getattr(current, "exceptions", None) or ())
+    return report
+
+
+def _torch_on_device(obj: Any) -> bool:
+    """A PyTorch tensor on a device, or a module with a parameter or buffer on one."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    if isinstance(obj, torch.Tensor):
+        return bool(obj.device.type != "cpu")
+    if isinstance(obj, torch.nn.Module):
+        tensors = itertools.chain(obj.parameters(), obj.buffers())
+        return any(t.device.type != "cpu" for t in tensors)
+    return False
 
 
 @dataclass

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
+import re
+import resource
 import threading
 import time
 import weakref
@@ -16,6 +19,100 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
+
+from numpy import copyto as numpy_copyto
+
+from .simxp import SimDeviceArray, SimXP
+
+CAP_EXCEEDED = "slice memory cap exceeded"  # the start of every cap error, GPU and sim alike
+# What a sim call's own process may grow by beyond the slice's room: Python objects, pickles,
+# ZeroMQ buffers of the executor's other thread. Not device memory, so not the user's.
+SIM_SLACK = 64 * 2**20
+_M_MMAP_THRESHOLD = -3  # mallopt: allocations from this size are mmap()ed and munmap()ed
+
+
+def cap_message(cap: int, used: int, needed: int | None = None) -> str:
+    """The one wording of a slice's memory cap, the same on a GPU (CuPy's pool limit) and on
+    a sim slice (the executor's accounting and its data limit), so a user testing on sim
+    meets the error they would meet on the GPU."""
+    text = f"{CAP_EXCEEDED}: cap {cap / 2**30:.2f} GiB, in use {used / 2**30:.2f} GiB"
+    if needed:
+        text += f", this needs {needed / 2**30:.2f} GiB more"
+    return text
+
+
+def needed_bytes(exc: BaseException) -> int | None:
+    """The size of the allocation an out-of-memory error failed on: NumPy's
+    ``_ArrayMemoryError`` knows it; CuPy's ``OutOfMemoryError`` says it in its message."""
+    size = getattr(exc, "_total_size", None)
+    if isinstance(size, int):
+        return size
+    match = re.search(r"allocating ([\d,]+) bytes", str(exc))
+    return int(match.group(1).replace(",", "")) if match else None
+
+
+_statm: int | None = None  # /proc/self/statm, kept open: read at every sim call
+
+
+def data_bytes() -> int:
+    """This process's private writable memory and stack (``data`` of /proc/self/statm, about
+    3 us to read): what RLIMIT_DATA limits, plus the main thread's small stack."""
+    global _statm
+    if _statm is None:
+        _statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    return int(os.pread(_statm, 256, 0).split()[5]) * mmap.PAGESIZE
+
+
+class SimMemoryCap:
+    """A sim slice's memory cap for what a call allocates itself (temporaries, results), not
+    only what the data plane accounts (inputs and kept results): a user testing on sim must
+    meet the out-of-memory error at the same allocation a GPU slice would refuse.
+
+    While a call runs, the process's RLIMIT_DATA (which Linux applies to every private
+    writable mapping: malloc's heap and its mmap()ed blocks) is its data size at the start
+    plus the slice's room (cap minus what the data plane holds) plus ``SIM_SLACK``; NumPy then
+    raises MemoryError at the allocation that would pass the cap, and ``exceeded`` restates it
+    with the cap and the use. Large blocks are always mmap()ed (``mallopt``), so memory freed
+    by one call does not count against the next. The pool's buffers and the arena are shared
+    mappings, outside the limit: the data plane accounts those itself.
+    """
+
+    def __init__(self) -> None:
+        self.started_with = 0  # VmData when the current call began
+        self.supported = True
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            libc = ctypes.CDLL(None)
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+    @contextlib.contextmanager
+    def limit(self, room: int) -> Iterator[None]:
+        if not self.supported:
+            yield
+            return
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+            self.started_with = data_bytes()
+            wanted = self.started_with + max(0, room) + SIM_SLACK
+            if hard != resource.RLIM_INFINITY:
+                wanted = min(wanted, hard)
+            resource.setrlimit(resource.RLIMIT_DATA, (wanted, hard))
+        except (OSError, ValueError, IndexError):  # no /proc, or a limit it may not set
+            self.supported = False
+            yield
+            return
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+    def grown(self) -> int:
+        """Bytes the running call holds beyond what it started with (its temporaries)."""
+        try:
+            return max(0, data_bytes() - self.started_with)
+        except OSError:
+            return 0
 
 
 class SimMemoryPool:
@@ -81,6 +178,7 @@ class Runtime:
     copy_stream: Any = None
     compute_stream: Any = None
     sim_pool: SimMemoryPool = field(default_factory=lambda: SimMemoryPool())
+    sim_cap: SimMemoryCap | None = None  # set on sim slices by warm_start
 
     def memory_used(self) -> int:
         """Bytes of device memory this executor holds (CuPy pool; sim: the data plane counts)."""
@@ -99,7 +197,6 @@ class Runtime:
         compile, which the variable alone serves."""
         if self.name != "cupy":
             return None
-        import os
         import tempfile
 
         cache = os.environ.get("CUPY_CACHE_DIR") or os.path.join(home, ".cupy", "kernel_cache")
@@ -131,8 +228,8 @@ class Runtime:
     def to_device(self, host: Any) -> Any:
         if self.name == "numpy":
             device = self.sim_pool.empty(host.shape, host.dtype)
-            self.xp.copyto(device, host)
-            return device
+            numpy_copyto(device, host)
+            return device.view(SimDeviceArray)  # simxp.py: how a sim slice tells device data
         with self.copy_stream:
             device = self.xp.empty(host.shape, dtype=host.dtype)
             device.set(host, stream=self.copy_stream)
@@ -210,7 +307,11 @@ def warm_start(name: str, memory_limit: int | None = None) -> Runtime:
     else:
         raise ValueError(f"unknown runtime {name!r}: expected 'numpy' or 'cupy'")
     runtime = Runtime(name=name, xp=xp, warm_seconds=time.perf_counter() - start, device=device)
+    if name == "numpy":  # device arrays of their own type, allocated from the pool (simxp.py)
+        runtime.xp = SimXP(xp, runtime.sim_pool.empty)
     if name == "cupy":
         runtime.copy_stream = xp.cuda.Stream(non_blocking=True)
         runtime.compute_stream = xp.cuda.Stream(non_blocking=True)
+    else:
+        runtime.sim_cap = SimMemoryCap()
     return runtime

@@ -171,9 +171,10 @@ class ExecutorServer:
         self._check_deadline()
 
     def _forward_streams(self) -> None:
+        """What running calls printed or displayed ("stream", "display"), in order."""
         while self.streams.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            route, body = self.streams.recv_pyobj()
-            self._send(route, "stream", body, self.tenant_key, None)
+            route, kind, body = self.streams.recv_pyobj()
+            self._send(route, kind, body, self.tenant_key, None)
 
     # -- the watcher thread --------------------------------------------------------------
     def _call_started(self) -> None:
@@ -383,15 +384,21 @@ class ExecutorServer:
         return {"uid": os.getuid(), "gid": os.getgid(), "user": holder.user}
 
     def control_stats(self, msg: Message, route: bytes) -> dict[str, Any]:
-        busy = self.dataplane.current is not None
+        running = self.dataplane.current
+        now = time.monotonic()
+        busy_seconds = self.dataplane.busy_seconds
+        if running is not None and running.run_started:
+            # The running call's time so far: a long call shows as busy while it runs (the
+            # panel's "computing"), not only once it ends.
+            busy_seconds += max(0.0, now - running.run_started)
         return {
             "last_active": time.time()
-            if busy
+            if running is not None
             else max(self.last_active, self.dataplane.last_active),
             "served": self.served,
             "memory_used": self.dataplane.memory_used(),
-            "busy_seconds": self.dataplane.busy_seconds,  # finished calls: a long call counts
-            "at": time.monotonic(),  # at its end; the share is smoothed over stats intervals
+            "busy_seconds": busy_seconds,
+            "at": now,
         }
 
     def control_spill(self, msg: Message, route: bytes) -> dict[str, Any]:

@@ -12,14 +12,21 @@ a parameter or local never counts as an input. Comprehensions are analysed here,
 Only the names are returned: an input changed in place on the slice (``a[0] = 1``) stays as it
 was in the notebook unless the cell binds the name again.
 
-Standard library only: ``run_cell`` is imported by the executor, where IPython is absent.
+What comes back (README, "%%gpufunc"): names the cell assigns (``=``, ``+=``, ``def``,
+``class``, ``for``, ``with ... as``, ``except ... as``, ``:=``, ``match``, ``global`` in a
+function), unless their value is a module; names bound only by ``import`` stay on the slice (the
+slice's modules are not the notebook's, and a CuPy module may not even import in the kernel);
+names the cell deletes, or assigns and leaves unbound, are removed from the notebook.
+
+Standard library only (``run_on_slice`` imports the wire format lazily): this module is imported
+by the kernel at start and by the executor.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
-import importlib
+import functools
 import io
 import linecache
 import symtable
@@ -65,24 +72,30 @@ class CellPlan:
     source: str  # the Python source to run
     filename: str  # the name it is compiled under (shows in tracebacks)
     inputs: tuple[str, ...]  # names the cell may read from the notebook namespace, first-use order
-    outputs: tuple[str, ...]  # names the cell binds at module level, first-binding order
+    outputs: tuple[str, ...]  # names the cell assigns at module level, first-binding order
     deleted: tuple[str, ...]  # names removed by a module-level ``del NAME``
     last_expression: bool  # last statement is an expression whose value is shown
+    imported: tuple[str, ...] = ()  # names bound at module level by ``import`` only
 
 
 @dataclass(frozen=True)
-class RemoteModule:
-    """A module imported by a cell on the slice, as the notebook holds it.
+class CellInputs:
+    """The notebook values a cell reads, shipped to ``run_on_slice`` as the notebook holds
+    them. Being an object rather than a plain dict matters: arrays inside an argument's lists,
+    tuples and dicts are staged to the device, those inside any other object arrive as host
+    arrays (remote.py), so a NumPy array stays a NumPy array and a pandas frame keeps its
+    NumPy columns. ``xp.asarray(x)`` puts one on the device, as with CuPy."""
 
-    Modules do not pickle, and the slice's (say ``cupy``) may not even be importable in the
-    kernel, so the name travels instead; a later cell that reads it gets the module imported
-    again on the slice.
-    """
+    values: dict[str, Any]
 
-    name: str  # e.g. "cupy.fft"
 
-    def __repr__(self) -> str:
-        return f"<module {self.name!r} on the slice>"
+@dataclass(frozen=True)
+class CellOutcome:
+    """What a cell run on the slice gives back: made by ``run_cell``, read by the magic."""
+
+    outputs: Mapping[str, Any]  # assigned names still bound, values that are not modules
+    shown: Mapping[str, Any]  # {"value": the last expression's value} when it is shown, else {}
+    unbound: tuple[str, ...]  # outputs and deleted names that ended unbound
 
 
 def plan_cell(source: str, filename: str = "<gpufunc>") -> CellPlan:
@@ -104,6 +117,7 @@ def plan_cell(source: str, filename: str = "<gpufunc>") -> CellPlan:
         outputs=tuple(analysis.outputs),
         deleted=tuple(analysis.deleted),
         last_expression=_shows_last_value(source, tree),
+        imported=tuple(name for name in analysis.imported if name not in analysis.outputs),
     )
 
 
@@ -128,12 +142,13 @@ def run_cell(
     xp: Any = None,
     *,
     deleted: tuple[str, ...] = (),
-) -> tuple[dict[str, Any], Any, tuple[str, ...]]:
+) -> CellOutcome:
     """Run a planned cell on the slice, in a fresh namespace made of its inputs.
 
-    Returns the outputs it bound (modules as ``RemoteModule``), the value of its last
-    expression (``None`` unless ``last_expression``) and the outputs and ``deleted`` names that
-    ended up unbound, which the kernel removes from the notebook as a local run would have.
+    Returns the outputs it bound (but not modules: see the module docstring), the value of its
+    last expression when shown, and the outputs and ``deleted`` names that ended up unbound,
+    which the kernel removes from the notebook as a local run would have. A last expression
+    whose value is a module is printed instead (its repr), as it cannot come back.
     Exceptions propagate unchanged; the source is put in ``linecache`` first so that their
     tracebacks show the cell's lines.
     """
@@ -143,30 +158,54 @@ def run_cell(
     if last_expression and tree.body and isinstance(tree.body[-1], ast.Expr):
         last = tree.body.pop().value
     namespace: dict[str, Any] = {"__name__": "__gpufunc__"}
-    for name, value in inputs.items():
-        namespace[name] = (
-            importlib.import_module(value.name) if isinstance(value, RemoteModule) else value
-        )
+    namespace.update(inputs)
+    if xp is not None:
+        for value in inputs.values():
+            _lend_xp(value, xp)
     # Set after the inputs so that nothing shipped can replace the slice's own.
     namespace["__builtins__"] = builtins
     if xp is not None:
         namespace[XP_NAME] = xp
     # dont_inherit: this module's ``from __future__`` imports must not apply to the cell.
     exec(compile(tree, filename, "exec", dont_inherit=True), namespace)
-    value = None
+    shown: dict[str, Any] = {}
     if last is not None:
         # The expression node keeps the positions it was parsed with, so an error in it
         # reports the cell's line, not line 1 of a separate snippet.
         expression = compile(ast.Expression(body=last), filename, "eval", dont_inherit=True)
-        value = _portable(eval(expression, namespace))
-    bound = {name: _portable(namespace[name]) for name in outputs if name in namespace}
+        value = eval(expression, namespace)
+        if isinstance(value, types.ModuleType):
+            print(repr(value))
+        elif value is not None:
+            shown["value"] = value
+    bound = {
+        name: namespace[name]
+        for name in outputs
+        if name in namespace and not isinstance(namespace[name], types.ModuleType)
+    }
     unbound = tuple(name for name in dict.fromkeys((*outputs, *deleted)) if name not in namespace)
-    return bound, value, unbound
+    return CellOutcome(bound, shown, unbound)
 
 
-def _portable(value: Any) -> Any:
-    """A module becomes its name: see ``RemoteModule``."""
-    return RemoteModule(value.__name__) if isinstance(value, types.ModuleType) else value
+def _lend_xp(value: Any, xp: Any) -> None:
+    """A function defined in the notebook (``__main__``, shipped by value) sees ``xp`` on the
+    slice as the cell does, if its own globals have none: design.md promises ``xp`` without an
+    import inside functions, and a helper written in an ordinary cell and called by a GPU cell
+    is one. Also partials of such functions and the methods of notebook classes (and of their
+    instances). Only copies made on the slice are touched: an importable module's globals never
+    are."""
+    if isinstance(value, functools.partial):
+        value = value.func
+    if isinstance(value, types.FunctionType):
+        functions = [value]
+    else:
+        cls = value if isinstance(value, type) else type(value)
+        if cls.__module__ != "__main__":
+            return
+        functions = [f for f in vars(cls).values() if isinstance(f, types.FunctionType)]
+    for function in functions:
+        if function.__module__ == "__main__":
+            function.__globals__.setdefault(XP_NAME, xp)
 
 
 def _shows_last_value(source: str, tree: ast.Module) -> bool:
@@ -210,6 +249,7 @@ class _Analysis:
     def __init__(self, table: symtable.SymbolTable) -> None:
         self.inputs: dict[str, None] = {}
         self.outputs: dict[str, None] = {}
+        self.imported: dict[str, None] = {}
         self.deleted: dict[str, None] = {}
         self._table = table
         self._matched: set[int] = set()
@@ -272,7 +312,7 @@ class _Analysis:
                         f"from {stmt.module} import * cannot be analysed (line {stmt.lineno}):"
                         " import the names the cell uses explicitly"
                     )
-                self.bind(_imported_name(stmt, alias), scope)
+                self.bind(_imported_name(stmt, alias), scope, imported=True)
         elif isinstance(stmt, _TYPE_ALIAS):
             self.bind(stmt.name.id, scope)
             self.expr(stmt.value, self._type_params(stmt, scope, bound), bound)
@@ -335,15 +375,25 @@ class _Analysis:
         if name not in certain:
             self.inputs.setdefault(name)
 
-    def bind(self, name: str, scope: _Scope, *, delete: bool = False, walrus: bool = False) -> None:
-        """Record ``name`` if this binding lands in the module namespace."""
+    def bind(
+        self,
+        name: str,
+        scope: _Scope,
+        *,
+        delete: bool = False,
+        walrus: bool = False,
+        imported: bool = False,
+    ) -> None:
+        """Record ``name`` if this binding lands in the module namespace: as deleted, as bound
+        by an import, or as an output (any other binding)."""
         if walrus:  # PEP 572: it binds in the scope that contains the comprehension
             while scope.kind == "local" and scope.parent is not None:
                 scope = scope.parent
         if name == XP_NAME or scope.kind == "local":
             return
         if scope.kind == "module" or _declared_global(scope.table, name):
-            (self.deleted if delete else self.outputs).setdefault(name)
+            kind = self.deleted if delete else self.imported if imported else self.outputs
+            kind.setdefault(name)
 
     def _reads_global(
         self, name: str, scope: _Scope, bound: set[str], *, nested: bool = False
@@ -549,14 +599,27 @@ def _certainly_binds(stmt: ast.stmt) -> list[str]:
 def run_on_slice(
     source: str,
     filename: str,
-    inputs: dict[str, Any],
+    inputs: CellInputs,
     outputs: tuple[str, ...],
     last_expression: bool,
     deleted: tuple[str, ...],
-) -> tuple[dict[str, Any], Any, tuple[str, ...]]:
+) -> CellOutcome:
     """What ``%%gpufunc`` ships (by reference: this module is importable on the executor):
     ``run_cell`` with the slice's array module, which the executor puts into the globals of
-    the function it runs, as it does for every function (design.md: ``xp`` without import)."""
-    return run_cell(
-        source, filename, inputs, outputs, last_expression, globals().get(XP_NAME), deleted=deleted
+    the function it runs, as it does for every function (design.md: ``xp`` without import).
+
+    The outputs and the shown value travel as ``Parts``, each pickled on its own: one that
+    cannot leave the slice stays there as a handle, one the kernel cannot load is reported by
+    the magic, and neither takes the other outputs with it."""
+    from ..wire.payload import Parts
+
+    outcome = run_cell(
+        source,
+        filename,
+        inputs.values,
+        outputs,
+        last_expression,
+        globals().get(XP_NAME),
+        deleted=deleted,
     )
+    return CellOutcome(Parts(outcome.outputs), Parts(outcome.shown), outcome.unbound)

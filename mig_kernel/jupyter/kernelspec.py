@@ -2,13 +2,16 @@
 
 Each spec launches the mig-kernel IPython kernel through the ``mig-provisioner`` kernel
 provisioner, which leases the slice named in the spec's provisioner config before the kernel
-starts (or at its first GPU cell with ``acquire: lazy``). Display names say the isolation the
-slice really has, so a user never picks "MIG" for what is a shared GPU or a simulation.
+starts (or at its first GPU cell with ``acquire: lazy``).
+
+Display names follow one scheme, in the launcher, the notebooks and the docs: what the user
+gets, "GPU slice (any)" or "GPU slice 1g.10gb", qualified only where the slice is not a MIG
+device: "(simulated)", "(GPU share)", "(whole GPU)". So nobody picks what looks like a MIG slice
+and gets a simulation or a shared GPU. The specs carry mig-kernel's own logo.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -28,6 +31,7 @@ PROVISIONER_NAME = "mig-provisioner"
 ANY_KERNEL_NAME = "mig-python3"
 ACQUIRE_MODES = ("eager", "lazy")
 LOGO_FILES = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
+LOGO_DIR = Path(__file__).with_name("resources")  # a chip cut into slices, yours bright
 BROKER_TIMEOUT = 2.0  # seconds: a broker that is up answers status in milliseconds
 
 _NAME_OK = re.compile(r"^[a-z0-9._-]+$")
@@ -49,24 +53,21 @@ def kernel_name(profile: str | None) -> str:
 
 
 def display_name(profile: str, isolation: str) -> str:
-    """The launcher's label for one profile, naming its real isolation."""
+    """The launcher's label for one profile: "GPU slice <profile>", qualified unless it is a
+    MIG device (whose profile names, 1g.10gb and so on, are MIG's own)."""
     if isolation == "mig":
-        return f"Python 3 (MIG {profile})"
+        return f"GPU slice {profile}"
     if isolation == "sim":
-        return f"Python 3 (simulated {profile})"
+        return f"GPU slice {profile} (simulated)"
     if _SHARE.search(profile):
-        return f"Python 3 (GPU share {profile})"
-    return f"Python 3 (GPU {profile})"  # a whole GPU without MIG: isolated only as a process
+        return f"GPU slice {profile} (GPU share)"
+    return f"GPU slice {profile} (whole GPU)"  # MIG off: isolated only as a process
 
 
 def any_display_name(isolations: Iterable[str]) -> str:
-    """The label of ``mig-python3``: "MIG" only when every slice it could get is a MIG device."""
-    kinds = set(isolations)
-    if kinds == {"mig"}:
-        return "Python 3 (MIG slice)"
-    if kinds == {"sim"}:
-        return "Python 3 (simulated GPU slice)"
-    return "Python 3 (GPU slice)"
+    """The label of ``mig-python3`` (the smallest free slice): "simulated" when every slice
+    it could get is simulated."""
+    return "GPU slice (any, simulated)" if set(isolations) == {"sim"} else "GPU slice (any)"
 
 
 def kernel_json(
@@ -147,21 +148,12 @@ def kernelspec_plan(
     return plan
 
 
-def _logo_dir() -> Path | None:
-    """ipykernel's resources folder, found without importing ipykernel (slow, and not needed)."""
-    spec = importlib.util.find_spec("ipykernel")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "resources"
-
-
 def _write_spec_dir(directory: Path, spec: dict[str, Any]) -> None:
     directory.mkdir()
     (directory / "kernel.json").write_text(json.dumps(spec, indent=1) + "\n")
-    logos = _logo_dir()
     for name in LOGO_FILES:
-        if logos is not None and (logos / name).is_file():
-            shutil.copyfile(logos / name, directory / name)
+        if (LOGO_DIR / name).is_file():
+            shutil.copyfile(LOGO_DIR / name, directory / name)
 
 
 def is_mig_kernelspec(directory: Path) -> bool:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,9 @@ from .kernelspec import install_kernelspecs, node_profiles
 
 STOP_TIMEOUT = 30.0  # seconds each child gets to stop after SIGTERM before SIGKILL
 START_TIMEOUT = 60.0  # seconds the broker gets to answer status
-DEMOS_COPY = "mig-kernel-demos"
+DEMOS_COPY = "mig-kernel-demos"  # in the home directory: where JupyterLab opens by default
+DEMOS_MANIFEST = ".mig-kernel-demos.json"  # what was copied: tells untouched copies from edited
+DEMO_SUFFIXES = (".ipynb", ".md")
 QUICKSTART = "quickstart.ipynb"
 LABEXTENSION = "@mig-kernel/labextension"  # the npm name of labextension/
 SERVER_EXTENSION = "mig_kernel"  # jpserver_extensions name (jupyter/server_extension.py)
@@ -72,6 +75,7 @@ class LabOptions:
     backend: str = "auto"
     sim_layout: str = ""
     share: int = 1
+    per_user_limit: int | str = "all"  # slices one user may hold: N, or "all" the node has
     state_dir: str = ""
     port: int = 0
     open_browser: bool = True
@@ -213,6 +217,8 @@ def start_broker(
         str(state_dir),
         "--share",
         str(options.share),
+        "--per-user-limit",
+        str(options.per_user_limit),
     ]
     if options.sim_layout:
         argv += ["--sim-layout", options.sim_layout]
@@ -244,27 +250,95 @@ def start_broker(
             )
         time.sleep(0.1)
     say(f"broker ready: {len(slices)} slice(s); {ENV_BROKER}={connection_file}")
+    if options.per_user_limit == "all":
+        say(
+            f"you may hold all {len(slices)} slice(s) at once, one per notebook (one person "
+            "at this machine; --per-user-limit N sets a limit)"
+        )
+    else:
+        say(
+            f"you may hold {options.per_user_limit} of the {len(slices)} slice(s) at once; a "
+            "notebook beyond that waits in the queue until one of yours is released"
+        )
     return broker
 
 
 # ------------------------------------------------------------------------------- jupyterlab
-def demos_root(package_dir: Path, cwd: Path) -> Path | None:
-    """Where JupyterLab opens: the checkout's demos/, else a copy of the packaged demos in
-    ``cwd`` (users edit notebooks; the installed package must stay pristine), else None.
+def demos_root(
+    package_dir: Path, home: Path, display_names: dict[str, str] | None = None
+) -> Path | None:
+    """Where JupyterLab opens: ``~/mig-kernel-demos``, a copy of the demos (the checkout's
+    ``demos/``, else those packaged in the wheel), or None when there are none.
 
-    ``package_dir`` is the ``mig_kernel`` package folder. An existing copy is kept as it is:
-    it holds the user's edits."""
-    checkout = package_dir.parent / "demos"
-    if checkout.is_dir():
-        return checkout
-    packaged = package_dir / "demos"
-    if not packaged.is_dir():
+    A copy and never the originals: JupyterLab autosaves outputs into the notebooks it runs,
+    writes ``.ipynb_checkpoints/``, puts new notebooks in its root, and a checkout (or an
+    installed package) must stay as it is. Each demo is copied when the copy lacks it, or
+    replaced when the copy is still what was copied last time (the demos changed, the user
+    did not touch it); a copy the user changed is kept. A notebook's kernelspec display name
+    is set to the installed one (``display_names``: kernel name -> display name), so opening
+    it changes nothing in it."""
+    source = package_dir.parent / "demos"
+    if not source.is_dir():
+        source = package_dir / "demos"
+    if not source.is_dir():
         return None
-    copy = cwd / DEMOS_COPY
-    if not copy.exists():
-        shutil.copytree(packaged, copy)
-        say(f"copied the demo notebooks to {copy}")
+    copy = home / DEMOS_COPY
+    copy.mkdir(exist_ok=True)
+    manifest_path = copy / DEMOS_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    copied, kept = [], []
+    for demo in sorted(source.iterdir()):
+        if demo.suffix not in DEMO_SUFFIXES or not demo.is_file():
+            continue
+        content = _demo_content(demo, display_names or {})
+        target = copy / demo.name
+        digest = hashlib.sha256(content).hexdigest()
+        if target.exists():
+            current = hashlib.sha256(target.read_bytes()).hexdigest()
+            if current == digest:
+                manifest[demo.name] = digest
+                continue
+            if current != manifest.get(demo.name):
+                kept.append(demo.name)  # the user's own version
+                continue
+        target.write_bytes(content)
+        manifest[demo.name] = digest
+        copied.append(demo.name)
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    if copied:
+        say(f"copied {', '.join(copied)} to {copy}")
+    if kept:
+        say(f"kept your edited {', '.join(kept)} in {copy} (delete one to get the current demo)")
     return copy
+
+
+def _demo_content(demo: Path, display_names: dict[str, str]) -> bytes:
+    """A demo file as it goes into the copy: a notebook with the installed display name."""
+    data = demo.read_bytes()
+    if demo.suffix != ".ipynb":
+        return data
+    try:
+        notebook = json.loads(data)
+        spec = notebook["metadata"]["kernelspec"]
+        display = display_names.get(spec["name"])
+    except (ValueError, KeyError, TypeError):
+        return data
+    if display is None or spec.get("display_name") == display:
+        return data
+    spec["display_name"] = display
+    return (json.dumps(notebook, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def installed_display_names(installed: list[tuple[str, str]]) -> dict[str, str]:
+    """kernel name -> display name of the kernelspecs just installed (name, folder)."""
+    names = {}
+    for name, folder in installed:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            names[name] = json.loads((Path(folder) / "kernel.json").read_text())["display_name"]
+    return names
 
 
 def labextension_path(package_dir: Path, links: Path) -> Path | None:
@@ -342,7 +416,10 @@ def run_lab(options: LabOptions, package_dir: Path) -> int:
         try:
             if broker_answers(connection_file):
                 broker = Broker(connection_file)
-                say(f"using the broker already running at {connection_file} (left running)")
+                say(
+                    f"using the broker already running at {connection_file} (left running; "
+                    "its own per-user limit applies, not --per-user-limit)"
+                )
             else:
                 start_broker(state_dir, options, keep)
             profiles = node_profiles(connection_file)
@@ -353,7 +430,8 @@ def run_lab(options: LabOptions, package_dir: Path) -> int:
                 f"{Path(installed[0][1]).parent}: {', '.join(n for n, _ in installed)}"
             )
             root = Path(options.root_dir).expanduser() if options.root_dir else None
-            root = root or demos_root(package_dir, Path.cwd()) or Path.cwd()
+            root = root or demos_root(package_dir, Path.home(), installed_display_names(installed))
+            root = root or Path.cwd()
             extensions = labextension_path(package_dir, Path(links.name))
             if extensions is not None:
                 say(f"JupyterLab extension: the checkout's build in {package_dir / 'labextension'}")

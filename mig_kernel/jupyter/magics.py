@@ -7,9 +7,8 @@ back. The kernel itself never touches a GPU.
 
 from __future__ import annotations
 
-import itertools
+import sys
 import time
-import traceback
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -19,30 +18,48 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from ..current import ProfileMismatch, SliceHolder, holder
-from ..wire.errors import InternalError, MigKernelError
+from ..wire.errors import MigKernelError
 from ..wire.reach import describe_failure
-from .cell import plan_cell, run_on_slice, select_inputs
-
-_cells = itertools.count(1)
-
-
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
+from . import errors
+from .cell import CellInputs, CellOutcome, plan_cell, run_on_slice, select_inputs
 
 
 class _QueueDisplay:
-    """One output line that shows the queue position while a request waits."""
+    """One output line that shows the queue position, and why the request waits, while it
+    waits. A request beyond the user's limit waits for one of their own slices: the broker's
+    reason names the notebooks that hold them and how to free one. Once the wait is over the
+    line is replaced by one saying how long it took (``done``), so no stale "waiting" stays in
+    the cell's output."""
 
     def __init__(self, what: str) -> None:
         self.what = what
         self.handle: Any = None
-        self.last: tuple[int, int] | None = None
+        self.last: tuple[int, int, str] | None = None
+        self.started = time.monotonic()
 
-    def __call__(self, position: int, length: int) -> None:
-        if (position, length) == self.last:
+    def __call__(self, position: int, length: int, reason: str = "") -> None:
+        if (position, length, reason) == self.last:
             return
-        self.last = (position, length)
+        self.last = (position, length, reason)
         text = f"mig-kernel: waiting for {self.what}: position {position} of {length} in the queue"
+        if reason:
+            text += f"\n{reason}"
+        self._show(text)
+
+    def done(self, session: Any) -> None:
+        """The wait is over: replace the line (if one was shown) with its outcome."""
+        if self.handle is None:
+            return
+        waited = time.monotonic() - self.started
+        if session is None:
+            self._show(f"mig-kernel: stopped waiting for {self.what} after {waited:.0f} s")
+        else:
+            self._show(
+                f"mig-kernel: got {session.profile} on {session.slice['id']} after waiting "
+                f"{waited:.0f} s in the queue"
+            )
+
+    def _show(self, text: str) -> None:
         if self.handle is None:
             self.handle = display({"text/plain": text}, raw=True, display_id=True)
         else:
@@ -57,22 +74,50 @@ def _render_brief(exc: BaseException, *lines: str) -> None:
     exc._render_traceback_ = lambda: shown  # type: ignore[attr-defined]
 
 
-def _attach_render(exc: BaseException, filename: str) -> None:
-    """Show a remote error as the notebook shows a local one: the traceback from the cell's
-    first frame on (the executor's own frames are noise to the user). IPython calls
-    ``_render_traceback_`` when an exception has one. mig-kernel's own errors without a
-    remote traceback (the broker refused a re-acquire, say) are shown briefly; an internal
-    error keeps its traceback, which a bug report needs."""
-    remote = getattr(exc, "remote_traceback", "")
-    if not remote:
-        if isinstance(exc, MigKernelError) and not isinstance(exc, InternalError):
-            _render_brief(exc)
+def _name_unshippable(exc: Exception, inputs: dict[str, Any]) -> None:
+    """When a cell's inputs could not be pickled (nothing was sent), say which one and why,
+    in one line, instead of the pickler's message from deep inside an object."""
+    if hasattr(exc, "remote_traceback") or isinstance(exc, MigKernelError):
+        return  # raised on the slice, or a refusal: not about pickling the inputs
+    import numpy as np
+
+    from ..remote import RemoteArray, RemoteObject
+    from ..wire.payload import find_unpicklable
+
+    found = find_unpicklable(
+        inputs,
+        lambda o: ("x",) if isinstance(o, (np.ndarray, RemoteArray, RemoteObject)) else None,
+    )
+    if found is None:
         return
-    lines = remote.rstrip("\n").splitlines()
-    start = next((i for i, line in enumerate(lines) if filename in line), None)
-    if start is not None:
-        lines = ["Traceback on the slice (most recent call last):", *lines[start:]]
-    exc._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
+    name, why = found
+    kind = type(inputs[name])
+    line = (
+        f"{type(exc).__name__}: the GPU cell reads {name!r} ({kind.__module__}.{kind.__qualname__}"
+        f"), which cannot be sent to the slice: {why}. Open files, locks, sockets and the like "
+        "belong to this process: create them inside the GPU cell"
+    )
+    exc._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
+
+
+def _bind_outcome(user_ns: dict[str, Any], outcome: CellOutcome) -> Any:
+    """Write a GPU cell's outputs into the notebook and remove the names it unbound (the rule:
+    cell.py, README). An output this kernel cannot load (its class or module is not
+    importable here) is left as it was, with one line on stderr; the others are bound."""
+    from ..wire.payload import Unloadable
+
+    for name, value in outcome.outputs.items():
+        if isinstance(value, Unloadable):
+            print(f"mig-kernel: {name} was not brought back: {value.reason}", file=sys.stderr)
+        else:
+            user_ns[name] = value
+    for name in outcome.unbound:
+        user_ns.pop(name, None)
+    value = outcome.shown.get("value")
+    if isinstance(value, Unloadable):
+        print(f"mig-kernel: the cell's value was not brought back: {value.reason}", file=sys.stderr)
+        return None
+    return value
 
 
 @magics_class
@@ -106,9 +151,12 @@ class GpuMagics(Magics):
 
     def _session(self, profile: str | None) -> Any:
         want = profile or self.holder.profile
-        self.holder.on_queued = _QueueDisplay(f"a {want} slice" if want else "a GPU slice")
+        queue = _QueueDisplay(f"a {want} slice" if want else "a GPU slice")
+        self.holder.on_queued = queue
+        session = None
         try:
-            return self.holder.session_for(profile)
+            session = self.holder.session_for(profile)
+            return session
         except ProfileMismatch as exc:
             raise UsageError(str(exc)) from None
         except (MigKernelError, OSError) as exc:
@@ -119,6 +167,7 @@ class GpuMagics(Magics):
             raise
         finally:
             self.holder.on_queued = None
+            queue.done(session)
 
     # -- %%gpufunc ---------------------------------------------------------------------------
     @magic_arguments()
@@ -138,22 +187,18 @@ class GpuMagics(Magics):
                 "IPython magics and shell commands (%, !) cannot run on the slice; move them to "
                 "an ordinary cell"
             )
-        filename = f"<gpufunc cell {next(_cells)}>"
-        try:
-            plan = plan_cell(source, filename)
-        except (SyntaxError, ValueError) as exc:  # shown as the error alone; nothing is sent
-            lines = traceback.format_exception_only(type(exc), exc)
-            exc._render_traceback_ = lambda: [line.rstrip("\n") for line in lines]  # type: ignore[attr-defined]
-            raise
+        # Named so that errors.py shows tracebacks and syntax errors as "Cell In[7], line 3".
+        filename = errors.register_cell(self.shell.execution_count, cell, source)
+        plan = plan_cell(source, filename)  # a SyntaxError here: nothing is sent
         self._check_profile(args.profile)
         inputs = select_inputs(plan, self.shell.user_ns, self.shell.user_ns_hidden)
         session = self._session(args.profile)
         try:
-            bound, value, unbound = session.run(
+            outcome = session.run(  # errors: shown by errors.py
                 run_on_slice,
                 plan.source,
                 filename,
-                inputs,
+                CellInputs(inputs),
                 plan.outputs,
                 plan.last_expression,
                 plan.deleted,
@@ -161,25 +206,31 @@ class GpuMagics(Magics):
                 timeout=args.timeout,
             )
         except Exception as exc:
-            _attach_render(exc, filename)
+            _name_unshippable(exc, inputs)
             raise
-        self.shell.user_ns.update(bound)
-        for name in unbound:
-            self.shell.user_ns.pop(name, None)
-        return value
+        return _bind_outcome(self.shell.user_ns, outcome)
 
     # -- %gpu ----------------------------------------------------------------------------------
     @magic_arguments()
-    @argument("action", choices=["status", "acquire", "release", "monitor"])
+    @argument("action", choices=["status", "acquire", "release", "monitor", "debug"])
+    @argument("switch", nargs="?", choices=["on", "off"], help="debug: full tracebacks on or off.")
     @argument("--profile", default=None, help="acquire: the slice profile.")
     @argument(
         "--drop", action="store_true", help="release: drop the device data instead of keeping it."
     )
     @line_magic
     def gpu(self, line: str) -> None:
-        """%gpu status | acquire [--profile P] | release [--drop] | monitor"""
+        """%gpu status | acquire [--profile P] | release [--drop] | monitor | debug [on|off]"""
         args = parse_argstring(self.gpu, line)
         getattr(self, f"_gpu_{args.action}")(args)
+
+    def _gpu_debug(self, args: Any) -> None:
+        """Full tracebacks (mig-kernel's frames, the slice's whole traceback) for errors that
+        are otherwise shown in a line or three; for a bug report. Also MIG_KERNEL_DEBUG=1."""
+        if args.switch is not None:
+            errors.set_debug(args.switch == "on")
+        state = "on: errors show full tracebacks" if errors.debug() else "off: errors in brief"
+        print(f"mig-kernel: debug {state} (%gpu debug on|off)")
 
     def _gpu_status(self, args: Any) -> None:
         try:
@@ -190,9 +241,15 @@ class GpuMagics(Magics):
             reason = self.holder.no_slice_reason
             if reason:
                 print(f"GPU slice: none — {reason}")
-                print("(the next GPU cell, or %gpu acquire, asks the broker again)")
+                print(
+                    "(the next GPU cell, or %gpu acquire, asks the broker again and waits in the "
+                    "queue, saying why, until a slice is free)"
+                )
             else:
-                print("mig-kernel: this kernel holds no GPU slice (the next GPU cell leases one)")
+                print(
+                    "GPU slice: none (the next GPU cell asks for one, and waits in the queue, "
+                    "saying why, until one is free)"
+                )
             return
         if session.ended:
             print(
@@ -214,7 +271,9 @@ class GpuMagics(Magics):
         print(f"profile    {session.profile}")
         print(f"isolation  {session.isolation}")
         used = mine.get("memory_used", 0)
-        print(f"memory     {_gib(used)} used of {_gib(session.memory_total)}")
+        from ..partition_view import memory_text  # not at kernel start: it loads slices/
+
+        print(f"memory     {memory_text(used, session.memory_total)} used")
         idle_text = f"{idle:.0f} s" if idle is not None else "unknown"
         limit_text = f"released after {limit:.0f} s idle" if limit else "never released when idle"
         print(f"idle       {idle_text} ({limit_text})")
@@ -265,17 +324,27 @@ class GpuMagics(Magics):
             return
         if self._monitor is None or self._monitor.closed:
             try:
-                self._monitor = SliceMonitor(self.holder.broker)
+                self._monitor = SliceMonitor(self.holder.broker, this_slice=self._held_slice)
             except MigKernelError as exc:
                 raise UsageError(f"cannot reach the mig-kernel broker: {exc}") from None
         display(self._monitor)
 
+    def _held_slice(self) -> str | None:
+        """The slice this kernel holds, read without the holder's lock (the monitor's thread
+        must not wait behind a GPU cell that is queued or running)."""
+        session = self.holder.session
+        if session is None or session.released or session.detached or session.ended:
+            return None
+        return str(session.slice["id"])
+
     def _monitor_table(self) -> None:
+        from ..partition_view import memory_text
+
         status = self._node_status()
         print(f"node {status['node']} ({status['backend']})")
         print(f"{'slice':10} {'profile':14} {'isolation':9} {'state':9} {'memory':>22}  holder")
         for s in status["slices"]:
-            memory = f"{_gib(s['memory_used'])} / {_gib(s['memory_total'])}"
+            memory = memory_text(s["memory_used"], s["memory_total"])
             holder_text = (s["holder"] or "") + (" (this kernel's user)" if s.get("mine") else "")
             print(
                 f"{s['id']:10} {s['profile']:14} {s['isolation']:9} {s['state']:9} "
@@ -287,3 +356,4 @@ class GpuMagics(Magics):
 
 def load_ipython_extension(ip: InteractiveShell) -> None:
     ip.register_magics(GpuMagics(ip, holder()))
+    errors.install(ip)

@@ -21,7 +21,7 @@ from typing import Any
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Enum, Float, Unicode
 
-from ..client import BrokerClient
+from ..client import BrokerClient, notebook_label
 from ..current import ENV_IDLE_TIMEOUT, ENV_NO_SLICE_REASON, ENV_PROFILE, ENV_TAG
 from ..wire.connection import ENV_BROKER
 from ..wire.errors import LeaseEnded, LeaseNotFound, MigKernelError
@@ -83,16 +83,19 @@ class MigProvisioner(LocalProvisioner):  # type: ignore[misc]
         kwargs["env"] = env
         env.pop(ENV_NO_SLICE_REASON, None)  # inherited from an earlier start, or a parent
         if self.acquire == "eager":
-            await asyncio.to_thread(self._ensure_lease)
+            await asyncio.to_thread(self._ensure_lease, notebook_label(env))
             if self.no_slice_reason:
                 env[ENV_NO_SLICE_REASON] = self.no_slice_reason
         return kwargs
 
-    def _ensure_lease(self) -> None:
+    def _ensure_lease(self, label: str | None = None) -> None:
         """Lease now unless this kernel holds one (a restart keeps it). Whatever stops it (no
         free slice, the user's quota used up, a profile the node lacks, a broker that refuses
         this user or cannot be reached) the kernel starts anyway: ``no_slice_reason`` says why,
-        and the first GPU cell waits in the queue or shows the broker's answer in the cell."""
+        and the first GPU cell waits in the queue or shows the broker's answer in the cell.
+        ``label`` is the kernel's notebook (jupyter_server's ``JPY_SESSION_NAME`` in the
+        kernel's environment), which the broker names to the user when these slices hold back
+        another request of theirs."""
         self.no_slice_reason = None
         try:
             with self._client() as client:
@@ -101,7 +104,11 @@ class MigProvisioner(LocalProvisioner):  # type: ignore[misc]
                     self.lease_id = held[0]["id"]
                     return
                 lease = client.acquire(
-                    self.profile, wait=False, idle_timeout=self.idle_timeout, tag=self.tag
+                    self.profile,
+                    wait=False,
+                    idle_timeout=self.idle_timeout,
+                    tag=self.tag,
+                    label=label,
                 )
                 self.lease_id = lease["id"]
                 self.log.info(

@@ -3,14 +3,24 @@ pickle as persistent ids. Functions go by value (cloudpickle); data goes through
 when it can (several times faster), cloudpickle otherwise.
 
 A persistent id is a small tuple the other side turns back into an object:
-``("arr", segment, offset, nbytes, dtype, shape)``: array data in the arena;
+``("arr", segment, offset, nbytes, dtype, shape)``: array data in the arena (``"buf"``: in a
+frame of the message), staged to the device;
+``("host", <"arr" or "buf" id>)``: the same data, arriving as a host (numpy) array;
 ``("h", id, shape, dtype, nbytes)``: a device array that stays on the slice (RemoteArray);
-``("obj", id, type name)``: any other object that stays on the slice (opaque handle).
-Each side supplies the two hooks; this module only holds the pickler plumbing.
+``("obj", id, type name)``: any other object that stays on the slice (opaque handle);
+``("parts", {key: pickle})``: a ``Parts`` mapping, each value pickled on its own;
+``("pickle", pickle)``: an object pickled on its own, with other hooks (the executor's host
+objects on sim slices).
+Each side supplies the two hooks; this module holds the pickler plumbing.
+
+Objects defined in ``__main__`` (a notebook's cells: IPython's user namespace is the
+``__main__`` module) go by value, as cloudpickle ships them: the C pickler would write a
+reference to ``__main__.name``, which means another module in the process that reads it.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import sys
@@ -26,12 +36,28 @@ import cloudpickle
 PersistentId = tuple[Any, ...]
 
 
+class _ByValue(pickle.PicklingError):
+    """The object must be pickled by value: the C pickler hands it to cloudpickle."""
+
+
+_DEFINITIONS = (types.FunctionType, type)
+
+
 class _FastPickler(pickle.Pickler):
-    """The C pickler with a persistent-id hook: most arguments and results are plain data."""
+    """The C pickler with a persistent-id hook: most arguments and results are plain data.
+
+    Functions and classes of ``__main__`` stop it (``_ByValue``): the C pickler would pickle
+    them by reference, and ``__main__`` on the other side is another program."""
 
     def __init__(self, file: io.BytesIO, hook: Callable[[Any], PersistentId | None]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.persistent_id = hook  # type: ignore[method-assign]
+
+        def persistent_id(obj: Any) -> PersistentId | None:
+            if isinstance(obj, _DEFINITIONS) and getattr(obj, "__module__", None) == "__main__":
+                raise _ByValue(obj)
+            return hook(obj)
+
+        self.persistent_id = persistent_id  # type: ignore[method-assign]
 
 
 class _CloudPickler(cloudpickle.Pickler):
@@ -46,14 +72,56 @@ class _CloudPickler(cloudpickle.Pickler):
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, load: Callable[[PersistentId], Any]) -> None:
+    """``keep_classes``: a class that comes back by value and already exists in this process
+    (cloudpickle's class tracking recognises a notebook class that went to the slice) is
+    taken as it is. cloudpickle would otherwise set the pickled class dict on it, replacing
+    the notebook's methods with copies whose globals are a snapshot, so that a later change to
+    a notebook global would no longer reach them."""
+
+    def __init__(
+        self, file: io.BytesIO, load: Callable[[PersistentId], Any], keep_classes: bool = False
+    ) -> None:
         super().__init__(file)
         self._load = load
+        self._existing: set[int] = set()  # ids of tracked classes found, not made, here
+        self._keep_classes = keep_classes and _TRACKED is not None
 
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid:
             raise pickle.UnpicklingError(f"malformed persistent id {pid!r}")
         return self._load(pid)
+
+    def find_class(self, module: str, name: str) -> Any:
+        # partials of module functions, not closures or bound methods: the unpickler keeps
+        # what find_class returns in its memo, and a reference back to it would be a cycle
+        # that keeps the result's handles alive until the garbage collector runs.
+        if self._keep_classes and module == "cloudpickle.cloudpickle":
+            if name in ("_make_skeleton_class", "_make_skeleton_enum"):
+                make = getattr(cloudpickle.cloudpickle, name)
+                return functools.partial(_make_tracked, make, self._existing)
+            if name == "_class_setstate":
+                return functools.partial(_setstate_unless_existing, self._existing)
+        return super().find_class(module, name)
+
+
+def _make_tracked(make: Callable[..., Any], existing: set[int], *args: Any) -> Any:
+    """cloudpickle's class maker, noting a class it found already tracked in this process."""
+    # (..., class_tracker_id, extra): the tracker id is the second to last argument
+    known = _TRACKED.get(args[-2]) if _TRACKED is not None and args[-2] else None
+    made = make(*args)
+    if known is not None and made is known:
+        existing.add(id(made))
+    return made
+
+
+def _setstate_unless_existing(existing: set[int], obj: Any, state: Any) -> Any:
+    if id(obj) in existing:
+        return obj
+    return cloudpickle.cloudpickle._class_setstate(obj, state)
+
+
+# cloudpickle's registry of classes pickled by value (private: without it, nothing is kept)
+_TRACKED: Any = getattr(cloudpickle.cloudpickle, "_DYNAMIC_CLASS_TRACKER_BY_ID", None)
 
 
 def dumps(obj: Any, hook: Callable[[Any], PersistentId | None]) -> bytes:
@@ -274,5 +342,53 @@ def _immutable(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def loads(data: bytes, load: Callable[[PersistentId], Any]) -> Any:
-    return _Unpickler(io.BytesIO(data), load).load()
+def loads(data: bytes, load: Callable[[PersistentId], Any], *, keep_classes: bool = False) -> Any:
+    """Unpickle with the persistent-id loader; ``keep_classes`` (the client, for results): see
+    ``_Unpickler``."""
+    return _Unpickler(io.BytesIO(data), load, keep_classes).load()
+
+
+class Parts(dict):  # type: ignore[type-arg]
+    """A mapping whose values travel each in a pickle of its own (``("parts", ...)``).
+
+    One value that cannot be pickled (the executor keeps it on the slice as a handle) or
+    unpickled (a class the kernel cannot import) then costs only itself: the receiver gets an
+    ``Unloadable`` for that key and everything else. A ``%%gpufunc`` cell's outputs travel so.
+    """
+
+
+@dataclass(frozen=True)
+class Unloadable:
+    """A ``Parts`` value that could not be unpickled here, and why (one line)."""
+
+    reason: str
+
+    def __repr__(self) -> str:
+        return f"<not loadable here: {self.reason}>"
+
+
+def load_parts(
+    pickles: dict[str, bytes], load: Callable[[PersistentId], Any], *, keep_classes: bool = False
+) -> Parts:
+    """The receiving end of ``("parts", pickles)``: each value unpickled on its own."""
+    parts = Parts()
+    for key, data in pickles.items():
+        try:
+            parts[key] = loads(data, load, keep_classes=keep_classes)
+        except Exception as exc:
+            parts[key] = Unloadable(f"{type(exc).__name__}: {exc}")
+    return parts
+
+
+def find_unpicklable(
+    values: dict[str, Any], hook: Callable[[Any], PersistentId | None]
+) -> tuple[str, str] | None:
+    """The first of ``values`` that cannot be pickled at all (an open file, a lock, a socket),
+    as (key, why). ``hook`` stands in for the persistent ids of arrays and handles, so that
+    nothing is copied. Called after pickling failed, to name the culprit."""
+    for key, value in values.items():
+        try:
+            _CloudPickler(io.BytesIO(), hook).dump(value)
+        except Exception as exc:
+            return key, str(exc) or type(exc).__name__
+    return None

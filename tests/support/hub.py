@@ -6,6 +6,7 @@ server's REST API and execute cells over its websocket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -219,4 +220,12 @@ class HubUser:
             await asyncio.wait_for(collect(), timeout)
         finally:
             connection.close()
+            # Let the close handshake finish (read_message answers None once it has), then
+            # close the TCP stream for good: asyncio.run's loop ends right after this.
+            with contextlib.suppress(Exception):
+                while await asyncio.wait_for(connection.read_message(), 5) is not None:
+                    pass
+            stream = getattr(connection, "stream", None)
+            if stream is not None and not stream.closed():
+                stream.close()
         return found

@@ -198,16 +198,9 @@ def test_hub_users_sharing_an_os_user_are_told_apart_by_their_tokens() -> None:
 
 
 def hub_client(node: dict[str, Any], token: str) -> BrokerClient:
-    """A session of this (root, shared-uid) process presenting ``token``, as a kernel would."""
-    previous = os.environ.get("JUPYTERHUB_API_TOKEN")
-    os.environ["JUPYTERHUB_API_TOKEN"] = token
-    try:
-        return BrokerClient(node["broker"].connection_file)
-    finally:
-        if previous is None:
-            os.environ.pop("JUPYTERHUB_API_TOKEN", None)
-        else:
-            os.environ["JUPYTERHUB_API_TOKEN"] = previous
+    """A session of this (root, shared-uid) process presenting ``token``, as a kernel would
+    (a kernel takes it from JUPYTERHUB_API_TOKEN; here it is given, so threads can differ)."""
+    return BrokerClient(node["broker"].connection_file, claims={"hub_token": token})
 
 
 def test_the_guides_files_are_the_ones_tested() -> None:
@@ -215,3 +208,44 @@ def test_the_guides_files_are_the_ones_tested() -> None:
     for path in ("share/jupyterhub/jupyterhub_config.py", "share/jupyterhub/mig_kernel_config.py"):
         text = (Path(__file__).resolve().parents[1] / path).read_text()
         assert text.strip() in guide, f"docs/deploy-jupyterhub.md must show {path} as it is"
+
+
+def test_a_hub_that_does_not_answer_stalls_no_one_else() -> None:
+    """The hub stopped (SIGSTOP) while a kernel's new token waits for it: the broker answers
+    everyone else meanwhile (the check runs on a worker thread), and the waiting hello gets
+    one line saying the hub did not answer."""
+    import signal
+    import threading
+
+    ensure_users()
+    with hub_node("shared", admins="hubadmin") as node:
+        hub: Hub = node["hub"]
+        admin_token = hub.login("hubadmin").token
+        fresh_token = hub.login("hubalice").token
+        hub_client(node, admin_token).close()  # verified once: now cached
+        assert hub.proc is not None
+        hub.proc.send_signal(signal.SIGSTOP)
+        outcome: dict[str, Any] = {}
+
+        def sign_in() -> None:
+            try:
+                hub_client(node, fresh_token).close()
+                outcome["result"] = "signed in"
+            except E.AuthenticationError as exc:
+                outcome["result"] = str(exc)
+
+        waiting = threading.Thread(target=sign_in)
+        try:
+            waiting.start()
+            admin = hub_client(node, admin_token)  # cached: answered while the other waits
+            try:
+                assert admin.session["user"] == "hub:hubadmin"
+                assert admin.status()["slices"]
+                assert waiting.is_alive()  # the hub still has not answered the other hello
+            finally:
+                admin.close()
+            waiting.join(30)
+            assert "did not answer" in outcome["result"]
+        finally:
+            hub.proc.send_signal(signal.SIGCONT)
+            waiting.join(30)

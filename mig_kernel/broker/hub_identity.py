@@ -95,6 +95,14 @@ class JupyterHubIdentity(PeerCredentialIdentity):
             )
         return self._verified(token, peer.uid)
 
+    def is_slow(self, hello: dict[str, Any], peer: PeerCredentials | None) -> bool:
+        """A token the cache does not vouch for must be confirmed by the hub."""
+        token = hello.get("hub_token")
+        if peer is None or peer.uid not in self.shared_uids or not isinstance(token, str):
+            return False
+        cached = self._cache.get(hashlib.sha256(token.encode()).hexdigest())
+        return cached is None or cached[0] <= time.monotonic()
+
     def _verified(self, token: str, uid: int) -> Identity:
         digest = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()

@@ -86,6 +86,11 @@ class IdentityProvider(LoggingConfigurable):
         """The user the broker's files and connection file speak for ("" if several)."""
         return ""
 
+    def is_slow(self, hello: dict[str, Any], peer: PeerCredentials | None) -> bool:
+        """Whether ``identify`` would wait for another service (then the broker calls it on a
+        worker thread, and it must be thread-safe); local checks are not."""
+        return False
+
     def executor_account(self, user: str, uid: int) -> Account:
         """The OS account a multi-user broker's executor becomes for ``user``, who connected
         as ``uid``: by default that uid's own account."""

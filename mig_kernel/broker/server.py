@@ -16,6 +16,7 @@ import shutil
 import socket
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,9 @@ class Broker(LoggingConfigurable):
         self.stopping = False
         self._timers: dict[str, float] = {}
         self._metrics_server: Any = None
+        # Identity checks that ask another service (a hub): threads, answers on the loop.
+        self._identity_checks = ThreadPoolExecutor(2, thread_name_prefix="mig-kernel-identity")
+        self._pending_hellos: list[tuple[Future[Identity], Incoming]] = []
 
     # ================================================================== lifecycle
     def start(self) -> None:
@@ -444,10 +448,13 @@ class Broker(LoggingConfigurable):
             unlink_quietly(endpoint.removeprefix("ipc://"))
         self.context.term()
         del self.store
+        self._identity_checks.shutdown(wait=False, cancel_futures=True)
         self.places.release()
 
     # ================================================================== loop
     def run_once(self, timeout_ms: int = 100) -> None:
+        if self._pending_hellos:  # a worker's answer is due: look again soon
+            timeout_ms = min(timeout_ms, 5)
         events = dict(self.poller.poll(timeout_ms))
         if events.pop(self.router, None):
             for _ in range(MAX_BATCH):
@@ -461,6 +468,8 @@ class Broker(LoggingConfigurable):
             event = self.pool.receive(sock)
             if event is not None:
                 self._on_executor_reply(*event)
+        if self._pending_hellos:
+            self._finish_hellos()
         self._run_timers()
         self.store.commit()
         self._flush()
@@ -581,8 +590,33 @@ class Broker(LoggingConfigurable):
             raise E.NotPermitted(f"user {req.client.user!r} is not a broker admin")
 
     # -- session --------------------------------------------------------------------------
-    def request_hello(self, req: Incoming) -> dict[str, Any]:
-        identity: Identity = self.identity.identify(req.msg.body, req.peer)
+    def request_hello(self, req: Incoming) -> dict[str, Any] | None:
+        """Open a client session. An identity that needs a slow check (a JupyterHub token the
+        hub must confirm) is checked on a worker thread and the hello answered when it is
+        done (``_finish_hellos``): the loop never waits for another service."""
+        if self.identity.is_slow(req.msg.body, req.peer):
+            future = self._identity_checks.submit(self.identity.identify, req.msg.body, req.peer)
+            self._pending_hellos.append((future, req))
+            return DEFERRED
+        return self._open_session(self.identity.identify(req.msg.body, req.peer))
+
+    def _finish_hellos(self) -> None:
+        for future, req in list(self._pending_hellos):
+            if not future.done():
+                continue
+            self._pending_hellos.remove((future, req))
+            try:
+                body = self._open_session(future.result())
+            except E.MigKernelError as exc:
+                self._reply_error(req.route, req.msg.id, req.key, exc)
+            except Exception as exc:
+                self.log.exception("identity check failed")
+                error = E.InternalError(f"{type(exc).__name__}: {exc}")
+                self._reply_error(req.route, req.msg.id, req.key, error)
+            else:
+                self._reply(req.route, req.msg.id, req.key, body)
+
+    def _open_session(self, identity: Identity) -> dict[str, Any]:
         identity = replace(identity, admin=self.policy.is_admin(identity))
         self.policy.check_allowed(identity)
         client = Client(

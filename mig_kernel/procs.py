@@ -25,3 +25,17 @@ def proc_start_ticks(pid: int) -> int | None:
 
 def pid_alive(pid: int) -> bool:
     return proc_start_ticks(pid) is not None
+
+
+CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+
+
+def capabilities() -> dict[str, int]:
+    """This process's capability sets from /proc/self/status (bit masks)."""
+    found = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in CAP_SETS:
+                found[name] = int(value.strip(), 16)
+    return found

@@ -34,6 +34,10 @@ def read_spec(prefix: Path, name: str) -> dict[str, Any]:
     return json.loads((kernels_dir(prefix) / name / "kernel.json").read_text())
 
 
+def provisioner_config(prefix: Path, name: str) -> dict[str, Any]:
+    return read_spec(prefix, name)["metadata"]["kernel_provisioner"]["config"]
+
+
 def test_kernel_json_is_the_contract(tmp_path: Path) -> None:
     installed = install_kernelspecs(SIM, prefix=tmp_path, idle_timeout=600)
     assert installed == [
@@ -275,13 +279,13 @@ def test_cli_multi_user_specs_name_the_nodes_broker(make_broker, tmp_path: Path)
     )
     assert given.returncode == 0, given.stderr
     for name in ("mig-python3", "mig-python3-2g.20gb"):
-        config = read_spec(prefix, name)["metadata"]["kernel_provisioner"]["config"]
-        assert config["broker"] == str(broker.connection_file)
+        assert provisioner_config(prefix, name)["broker"] == str(broker.connection_file)
     default = run_cli("install-kernelspec", "--multi-user", "--prefix", str(tmp_path / "sys"))
     assert default.returncode == 0, default.stderr
-    config = read_spec(tmp_path / "sys", "mig-python3")["metadata"]["kernel_provisioner"]["config"]
-    assert config["broker"] == "/run/mig-kernel/broker.json"
+    assert provisioner_config(tmp_path / "sys", "mig-python3")["broker"] == (
+        "/run/mig-kernel/broker.json"
+    )
     single = cli(broker.connection_file, "--prefix", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
-    config = read_spec(tmp_path / "single", "mig-python3")["metadata"]["kernel_provisioner"]
-    assert "broker" not in config["config"]  # a user's own broker is found without one
+    single_config = provisioner_config(tmp_path / "single", "mig-python3")
+    assert "broker" not in single_config  # a user's own broker is found without one

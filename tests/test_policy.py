@@ -90,7 +90,7 @@ def test_profiles_per_group(records: list[SliceRecord]) -> None:
     policy = LeasePolicy(allowed_profiles={"*": ["1g.10gb"], "staff": ["2g.20gb"]})
     assert policy.profiles_for(ALICE) == {"1g.10gb"}
     assert policy.profiles_for(BOB) == {"1g.10gb", "2g.20gb"}
-    assert policy.profiles_for(ROOT.__class__("root", admin=True, uid=0)) is None
+    assert policy.profiles_for(Identity("root", admin=True, uid=0)) is None
     policy.check_request(ALICE, Request("1g.10gb"), infos)
     with pytest.raises(E.NotPermitted, match=r"may not lease profile 3g.40gb.*1g.10gb"):
         policy.check_request(ALICE, Request("3g.40gb"), infos)

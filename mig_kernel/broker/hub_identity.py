@@ -100,15 +100,19 @@ class JupyterHubIdentity(PeerCredentialIdentity):
         token = hello.get("hub_token")
         if peer is None or peer.uid not in self.shared_uids or not isinstance(token, str):
             return False
-        cached = self._cache.get(hashlib.sha256(token.encode()).hexdigest())
-        return cached is None or cached[0] <= time.monotonic()
+        return self._cached(token) is None
+
+    def _cached(self, token: str) -> Identity | None:
+        """The identity the hub confirmed for ``token`` less than ``cache_seconds`` ago."""
+        entry = self._cache.get(hashlib.sha256(token.encode()).hexdigest())
+        return entry[1] if entry is not None and entry[0] > time.monotonic() else None
 
     def _verified(self, token: str, uid: int) -> Identity:
+        cached = self._cached(token)
+        if cached is not None:
+            return cached
         digest = hashlib.sha256(token.encode()).hexdigest()
         now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
         model = self._hub("/user", token)
         if model.get("kind", "user") != "user" or not isinstance(model.get("name"), str):
             raise AuthenticationError("this token belongs to a hub service, not to a user")

@@ -28,7 +28,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..wire.errors import AuthenticationError
 from ..wire.executor_spec import Account
-from ..wire.peercred import PeerCredentials
+from ..wire.peercred import PeerCredentials, user_name
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,6 @@ def group_names(user: str) -> tuple[str, ...]:
         except KeyError:
             names.append(str(gid))
     return tuple(sorted(set(names)))
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 class IdentityProvider(LoggingConfigurable):
@@ -104,7 +97,7 @@ class LocalUserIdentity(IdentityProvider):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.uid = os.geteuid()
-        self._user = _user_name(self.uid)
+        self._user = user_name(self.uid)
 
     @property
     def user(self) -> str:
@@ -117,7 +110,7 @@ class LocalUserIdentity(IdentityProvider):
         if peer is not None and peer.uid not in (self.uid, 0):
             raise AuthenticationError(
                 f"this broker serves user {self._user!r} only, and you are "
-                f"{_user_name(peer.uid)!r}: use your own broker (`mig-kernel broker`) or the "
+                f"{user_name(peer.uid)!r}: use your own broker (`mig-kernel broker`) or the "
                 f"node's multi-user one"
             )
         claimed = hello.get("user")

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import IO
 
+from ..procs import capabilities
 from ..slices.model import GpuInfo
 from ..wire.connection import (
     CONNECTION_FILE,
@@ -50,8 +51,6 @@ def check_privileges() -> None:
     """A multi-user broker must be able to switch executors to their holders."""
     if os.geteuid() == 0:
         return
-    from ..executor.privileges import capabilities
-
     effective = capabilities().get("CapEff", 0)
     missing = [name for name, bit in NEEDED_CAPABILITIES.items() if not effective >> bit & 1]
     if missing:

@@ -247,9 +247,9 @@ class ExecutorPool:
             ex.socket.close(linger=0)
             ex.socket = None
         self.pending = {mid: p for mid, p in self.pending.items() if p[1] is not ex}
-        if ex.popen is not None:  # reap it (a just-killed one dies within milliseconds)
+        if ex.popen is not None:  # dead, or just killed (every caller kills first): reap it
             with contextlib.suppress(subprocess.TimeoutExpired):
-                ex.popen.wait(timeout=0.5 if ex.phase != "ready" else 0)
+                ex.popen.wait(timeout=0.5)
         if ex.endpoint.startswith("ipc://") and not self.alive(ex):
             # Its socket file: an executor that became its holder cannot remove it from the
             # broker's directory itself.

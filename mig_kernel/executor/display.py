@@ -125,7 +125,7 @@ def _plain(value: Any) -> Any:
     if callable(item):
         try:
             return _plain(item())
-        except Exception:
+        except Exception:  # an .item() that is not NumPy's: its str below serves
             pass
     return str(value)
 

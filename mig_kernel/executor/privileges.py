@@ -21,27 +21,16 @@ from __future__ import annotations
 import ctypes
 import os
 
+from ..procs import capabilities
 from ..wire.executor_spec import Account
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
-CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 
 class PrivilegeError(Exception):
     """The executor could not become its holder (it must then never serve them)."""
-
-
-def capabilities() -> dict[str, int]:
-    """The process's capability sets from /proc/self/status (bit masks)."""
-    found = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, value = line.partition(":")
-            if name in CAP_SETS:
-                found[name] = int(value.strip(), 16)
-    return found
 
 
 class _CapHeader(ctypes.Structure):

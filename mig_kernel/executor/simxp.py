@@ -68,31 +68,9 @@ def to_device(value: Any) -> Any:
     return value
 
 
-class _DeviceUfunc:
-    """A NumPy ufunc whose results (and those of ``reduce``, ``outer``...) are device arrays."""
-
-    def __init__(self, ufunc: numpy.ufunc) -> None:
-        self._ufunc = ufunc
-        functools.update_wrapper(self, ufunc)  # type: ignore[arg-type]
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return to_device(self._ufunc(*args, **kwargs))
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name == "_ufunc":  # pickle and copy probe these
-            raise AttributeError(name)
-        attr = getattr(self._ufunc, name)
-        return _device_function(attr) if callable(attr) else attr
-
-    def __repr__(self) -> str:
-        return repr(self._ufunc)
-
-    def __reduce__(self) -> Any:
-        return operator.itemgetter(0), ((self._ufunc,),)  # NumPy's ufunc where it arrives
-
-
 class _DeviceObject:
-    """An object made by ``xp`` whose methods make arrays (a random ``Generator``)."""
+    """An object made by ``xp`` whose methods make arrays (a random ``Generator``): its
+    callables return device arrays; pickled, it is the NumPy object it wraps."""
 
     def __init__(self, obj: Any) -> None:
         self._obj = obj
@@ -107,7 +85,18 @@ class _DeviceObject:
         return repr(self._obj)
 
     def __reduce__(self) -> Any:
-        return operator.itemgetter(0), ((self._obj,),)  # the NumPy generator where it arrives
+        return operator.itemgetter(0), ((self._obj,),)  # the NumPy object where it arrives
+
+
+class _DeviceUfunc(_DeviceObject):
+    """A NumPy ufunc whose results (and those of ``reduce``, ``outer``...) are device arrays."""
+
+    def __init__(self, ufunc: numpy.ufunc) -> None:
+        super().__init__(ufunc)
+        functools.update_wrapper(self, ufunc)  # type: ignore[arg-type]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return to_device(self._obj(*args, **kwargs))
 
 
 _RANDOM_STATES = (numpy.random.Generator, numpy.random.RandomState)
@@ -139,10 +128,8 @@ class SimXP(types.ModuleType):
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):
             return getattr(self._module, name)
-        try:
+        if name in self._cache:
             return self._cache[name]
-        except KeyError:
-            pass
         attr = getattr(self._module, name)
         if isinstance(attr, types.ModuleType) and attr.__name__.startswith("numpy."):
             made: Any = SimXP(attr, self._pool_empty)

@@ -168,10 +168,10 @@ def new_runtime_dir() -> Path:
 def usable_runtime_dir(path: str) -> bool:
     """Whether a remembered socket directory is still ours, private and short enough."""
     candidate = Path(path)
-    return len(path) <= IPC_PATH_MAX - 24 and _private_to_us(candidate, exact=True)
+    return len(path) <= IPC_PATH_MAX - 24 and _private_to_us(candidate)
 
 
-def _private_to_us(path: Path, exact: bool = False) -> bool:
+def _private_to_us(path: Path) -> bool:
     try:
         st = os.lstat(path)
     except OSError:

@@ -9,6 +9,7 @@ forged by the peer: the same fact MUNGE, D-Bus and systemd authenticate by.
 
 from __future__ import annotations
 
+import pwd
 import re
 from dataclasses import dataclass
 
@@ -38,3 +39,11 @@ def peer_credentials(frame: zmq.Frame) -> PeerCredentials | None:
         return None
     uid, gid, pid = (int(group) for group in match.groups())
     return PeerCredentials(uid, gid, pid)
+
+
+def user_name(uid: int) -> str:
+    """The login name of ``uid``, or ``uid N`` where the node has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"

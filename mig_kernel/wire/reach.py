@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pwd
 import socket
 import stat
 from pathlib import Path
@@ -26,6 +25,7 @@ from .connection import (
     default_state_dir,
 )
 from .errors import BrokerUnavailable, MigKernelError
+from .peercred import user_name
 
 IPC_SCHEME = "ipc://"
 DENIED = (errno.EACCES, errno.EPERM)
@@ -74,20 +74,13 @@ def check_reachable(info: ConnectionInfo, connection_file: Path) -> None:
         raise BrokerUnavailable(_not_running_message(info, connection_file, path, err))
 
 
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
 def _described(path: Path) -> str:
     """``path (owner U, mode 0700)`` where it can be looked at, else the path alone."""
     try:
         st = path.stat()
     except OSError:
         return str(path)
-    return f"{path} (owner {_user_name(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o})"
+    return f"{path} (owner {user_name(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o})"
 
 
 def _denied_at(path: str) -> str:
@@ -132,7 +125,7 @@ def _how_to_start(info: ConnectionInfo, connection_file: Path) -> str:
     except OSError:
         owner = os.geteuid()
     if owner != os.geteuid():
-        return f"ask {_user_name(owner)} or your administrator to start it"
+        return f"ask {user_name(owner)} or your administrator to start it"
     command = "mig-kernel broker"
     if info.state_dir and Path(info.state_dir) != default_state_dir().resolve():
         command += f" --state-dir {info.state_dir}"

@@ -224,7 +224,7 @@ class HubUser:
             # close the TCP stream for good: asyncio.run's loop ends right after this.
             with contextlib.suppress(Exception):
                 while await asyncio.wait_for(connection.read_message(), 5) is not None:
-                    pass
+                    pass  # messages after ours: only the close (None) ends the wait
             stream = getattr(connection, "stream", None)
             if stream is not None and not stream.closed():
                 stream.close()

@@ -55,8 +55,9 @@ _statm: int | None = None  # /proc/self/statm, kept open: read at every sim call
 
 
 def data_bytes() -> int:
-    """This process's private writable memory and stack (``data`` of /proc/self/statm, about
-    3 us to read): what RLIMIT_DATA limits, plus the main thread's small stack."""
+    """This process's private writable memory and stack (``data`` of /proc/self/statm): what
+    RLIMIT_DATA limits, plus the main thread's small stack. With a call's two setrlimits,
+    4.2 us on the 2-core CPU machine."""
     global _statm
     if _statm is None:
         _statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)

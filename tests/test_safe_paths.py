@@ -146,6 +146,6 @@ def test_a_killed_broker_leaves_no_lock_behind(tmp_path: Path) -> None:
     args = ["--backend", "sim", "--sim-layout", "H100-80GB:7x1g.10gb"]
     first = BrokerProcess(tmp_path / "a", args, lock_dir=locks).start()
     first.kill()
-    second = BrokerProcess(tmp_path / "b", args, lock_dir=locks).start()
-    second.stop()
-    first.start().stop()  # it restarts on its state dir, re-adopting its executors
+    second = BrokerProcess(tmp_path / "b", args, lock_dir=locks).start()  # raises if refused
+    assert second.status()["slices"] and second.stop() == 0
+    assert first.start().stop() == 0  # it restarts on its state dir, re-adopting its executors

@@ -71,6 +71,9 @@ async def test_server_kernel_holds_a_slice_until_deleted(
             manager.provisioner.process is not None
             and manager.provisioner.process.pid != old_pid
             and manager.provisioner.process.poll() is None
+            # and the restart itself is over: jupyter_client cannot shut down a kernel whose
+            # restart is still under way (its ``ready`` future not yet resolved)
+            and manager.ready.done()
         ),
         timeout=30,
     )

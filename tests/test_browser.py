@@ -8,6 +8,7 @@ through Debian's Chromium by Playwright (never a browser Playwright downloads).
   running cell shows in the status bar and the panel; the note about the release clears itself.
   Screenshots of the light and the dark theme in test-artifacts/.
 - Four GPUs, 28 slices: the panel stays a compact list.
+- A broker admin (root, on a multi-user broker) releases another OS user's slice from the panel.
 - ``make run`` as a user meets it: both demos run in JupyterLab, and the checkout stays as it
   was (JupyterLab works on a copy in the home directory). Its screenshot is the README's.
 """
@@ -15,6 +16,7 @@ through Debian's Chromium by Playwright (never a browser Playwright downloads).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -398,3 +400,49 @@ def test_make_run_runs_both_demos_and_leaves_the_checkout_clean(make_lab, browse
     assert page_errors == []
     assert lab.terminate() == 0, lab.log()
     assert checkout_notebooks() == before  # outputs, checkpoints, new files: all in the copy
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates OS users, multi-user broker")
+def test_an_admin_releases_another_users_slice(tmp_path: Path, browser) -> None:
+    """A multi-user broker whose admin is root: root's JupyterLab panel shows mkt-alice's slice
+    by her name with a Release button (her own user has none on others' slices: the broker's
+    ``admin`` flag decides); the dialog says her data is dropped; the slice comes back free."""
+    from playwright.sync_api import expect
+
+    from .support.accounts import ensure_users
+    from .test_multi_user import Driven, multi_user_node
+
+    alice = ensure_users()["mkt-alice"]
+    layout = ("--backend", "sim", "--sim-layout", "H100-80GB:2x1g.10gb")
+    with multi_user_node(*layout, "--admin-users", "root") as node:
+        tenant = Driven(alice, node["broker"].connection_file)
+        lab: Lab | None = None
+        try:
+            lease = tenant("connect")
+            assert "error" not in lease, lease
+            lab = Lab(tmp_path, node["broker"].connection_file.parent, [])
+            quiet_settings(lab)
+            lab.start()
+            lab.wait_ready()
+            assert "using the broker already running" in lab.log()
+            page, page_errors = open_page(browser, lab)
+            run_command(page, "Show GPU Slices")
+            panel = page.locator("#mig-kernel-panel")
+            held = panel.locator('[data-mig-state="leased"]')
+            expect(held).to_have_count(1, timeout=60_000)
+            expect(held).to_contain_text("held by mkt-alice")
+            expect(panel.locator('[data-mig-admin="true"]')).to_have_count(1)
+            held.locator('[data-mig-admin="true"]').click()
+            dialog = page.locator(".jp-Dialog")
+            expect(dialog).to_contain_text("Release the slice of mkt-alice?")
+            expect(dialog).to_contain_text("dropped, not kept")
+            dialog.locator(".jp-mod-warn", has_text="Release").click()
+            expect(panel.locator('[data-mig-state="free"]')).to_have_count(2, timeout=TIMEOUT_MS)
+            expect(panel.locator(".jp-mig-Note")).to_contain_text("Released the slice of mkt-alice")
+            page.screenshot(path=str(ARTIFACTS / "lab-panel-admin.png"))
+            assert page_errors == []
+            assert lab.terminate() == 0, lab.log()
+        finally:
+            if lab is not None:
+                lab.kill()
+            tenant.close()

@@ -64,6 +64,8 @@ export interface INodeState {
   gpus: IGpu[];
   slices: ISlice[];
   queue: IQueueEntry[];
+  /** Whether this user is a broker admin: may release any lease (`POST leases/<id>/release`). */
+  admin?: boolean;
 }
 
 /** `GET kernels/<id>/lease`: the slice one kernel of this server holds or waits for. */
@@ -131,6 +133,14 @@ export class MigApi {
       method: 'POST',
       body: '{}'
     });
+  }
+
+  /** As a broker admin: end any lease (its holder's device data on the slice is dropped). */
+  releaseLease(leaseId: string): Promise<Record<string, unknown>> {
+    return this.request<Record<string, unknown>>(
+      `leases/${encodeURIComponent(leaseId)}/release`,
+      { method: 'POST', body: '{}' }
+    );
   }
 
   private async request<T>(

@@ -2,7 +2,8 @@
  * The right side panel "GPU slices": the partition map of the node, drawn again on each answer
  * of the shared poller, with the active notebook's slice marked "this notebook" and a Release
  * button (after a confirmation that says the data is kept) on the user's own slices held by a
- * kernel here.
+ * kernel here. A broker admin also gets a Release button on other users' slices (after a
+ * confirmation that names the holder and says their device data is dropped).
  */
 import { Dialog, ISessionContext, showDialog } from '@jupyterlab/apputils';
 import { INotebookTracker } from '@jupyterlab/notebook';
@@ -10,7 +11,7 @@ import { Session } from '@jupyterlab/services';
 import { SidePanel } from '@jupyterlab/ui-components';
 import { Panel, Widget } from '@lumino/widgets';
 
-import { MigApi } from './api';
+import { ISlice, MigApi } from './api';
 import { el } from './dom';
 import { idleText, renderNode, waitingText } from './partition';
 import { SlicePoller } from './poller';
@@ -101,7 +102,9 @@ export class PartitionView extends Widget {
           kernelLabel: id => this._notebookOf(id),
           activeKernel: kernel?.id ?? null,
           activeRunning: kernel?.status === 'busy',
-          onRelease: (id, button) => void this._release(id, button)
+          onRelease: (id, button) => void this._release(id, button),
+          admin: state.admin === true,
+          onAdminRelease: (slice, button) => void this._adminRelease(slice, button)
         })
       );
     }
@@ -163,6 +166,35 @@ export class PartitionView extends Widget {
     try {
       await this._api.release(kernelId);
       this._note(`Released the slice of ${notebook}; its data comes back with its next GPU cell.`);
+    } catch (error) {
+      this._note(`Release failed: ${(error as Error).message}`);
+    }
+    this._poller.refresh();
+  }
+
+  /** A broker admin ends another user's lease: the broker checks the right again. */
+  private async _adminRelease(slice: ISlice, button: HTMLButtonElement): Promise<void> {
+    const lease = slice.lease;
+    if (!lease) {
+      return;
+    }
+    const holder = slice.holder ?? 'another user';
+    const answer = await showDialog({
+      title: `Release the slice of ${holder}?`,
+      body:
+        `As a broker admin you end ${holder}'s lease ${lease.id} on ${slice.profile} now. ` +
+        "Their device data on the slice is dropped, not kept: their next GPU cell leases a " +
+        'slice again and is told the data was lost.',
+      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Release' })]
+    });
+    if (!answer.button.accept) {
+      return;
+    }
+    button.disabled = true;
+    button.textContent = 'Releasing…';
+    try {
+      await this._api.releaseLease(lease.id);
+      this._note(`Released the slice of ${holder} (lease ${lease.id}).`);
     } catch (error) {
       this._note(`Release failed: ${(error as Error).message}`);
     }

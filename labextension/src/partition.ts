@@ -23,6 +23,10 @@ export interface IRenderOptions {
   activeRunning: boolean;
   /** The user clicked "Release" on an own slice held by that kernel. */
   onRelease: (kernelId: string, button: HTMLButtonElement) => void;
+  /** Whether the user is a broker admin: others' slices get a Release button too. */
+  admin: boolean;
+  /** An admin clicked "Release" on another user's slice. */
+  onAdminRelease: (slice: ISlice, button: HTMLButtonElement) => void;
 }
 
 export function renderNode(state: INodeState, options: IRenderOptions): HTMLElement {
@@ -176,6 +180,14 @@ function renderSlice(slice: ISlice, options: IRenderOptions): HTMLElement {
       'Give the slice back to the pool; its device data is kept and comes back ' +
       "with the kernel's next GPU cell";
     button.addEventListener('click', () => options.onRelease(kernelId, button));
+    head.append(button);
+  } else if (options.admin && !slice.mine && slice.lease) {
+    const button = el('button', 'jp-mig-Release jp-mig-AdminRelease', 'Release');
+    button.dataset.migAdmin = 'true';
+    button.title =
+      `As a broker admin: end the lease of ${slice.holder ?? 'its holder'}; ` +
+      'their device data on the slice is dropped';
+    button.addEventListener('click', () => options.onAdminRelease(slice, button));
     head.append(button);
   }
   // The isolation is the GPU's title ("MIG, simulated", "no MIG") and the tooltip's: one line

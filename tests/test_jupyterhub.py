@@ -31,6 +31,8 @@ from mig_kernel.wire import errors as E
 
 from .support.accounts import USERS, ensure_users
 from .support.hub import Hub, HubUser
+from .test_gpu import REASON as GPU_REASON
+from .test_gpu import record
 
 LAYOUT = "H100-80GB:4x1g.10gb"
 BROKER_CONFIG = Path(__file__).resolve().parents[1] / "share/jupyterhub/mig_kernel_config.py"
@@ -46,9 +48,14 @@ pytestmark = [
 
 
 @contextlib.contextmanager
-def hub_node(spawner: str, admins: str = "") -> Iterator[dict[str, Any]]:
+def hub_node(
+    spawner: str,
+    admins: str = "",
+    slices: tuple[str, ...] = ("--backend", "sim", "--sim-layout", LAYOUT),
+) -> Iterator[dict[str, Any]]:
     """A multi-user broker configured by share/jupyterhub/mig_kernel_config.py and a hub
-    configured by share/jupyterhub/jupyterhub_config.py, the files of the deployment guide."""
+    configured by share/jupyterhub/jupyterhub_config.py, the files of the deployment guide;
+    ``slices``: the broker's backend options (sim by default, ``nvml`` on a GPU)."""
     base = Path(tempfile.mkdtemp(prefix="mkt-hub-"))
     base.chmod(0o755)
     token_file = base / "hub-service-token"
@@ -66,10 +73,7 @@ def hub_node(spawner: str, admins: str = "") -> Iterator[dict[str, Any]]:
     broker = BrokerProcess(
         base / "state",
         [
-            "--backend",
-            "sim",
-            "--sim-layout",
-            LAYOUT,
+            *slices,
             "--runtime-dir",
             str(base / "run"),
             "--per-user-limit",
@@ -107,11 +111,11 @@ def hub_node(spawner: str, admins: str = "") -> Iterator[dict[str, Any]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run_gpu_cell(user: HubUser) -> tuple[str, int]:
+def run_gpu_cell(user: HubUser, code: str = GPU_CELL) -> tuple[str, int]:
     """Start the user's server and a mig kernel, run a GPU cell: (kernel id, executor uid)."""
     user.start_server()
     kernel = user.start_kernel()
-    result = user.execute(kernel, GPU_CELL)
+    result = user.execute(kernel, code)
     assert result["reply"] == "ok", result
     line = next(x for x in result["stdout"].splitlines() if x.startswith("executor uid"))
     return kernel, int(line.split()[-1])
@@ -145,6 +149,43 @@ def test_hub_users_who_are_os_users_get_their_own_slices_and_uids() -> None:
             assert theirs[0]["lease"] is None
         ids = {s["id"] for view in views.values() for s in leased(view) if s["mine"]}
         assert len(ids) == 2  # different slices
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)  # two servers, kernels and CuPy-warmed executors on a real card
+@pytest.mark.skipif(GPU_REASON is not None, reason=str(GPU_REASON))
+def test_hub_users_who_are_os_users_share_a_real_gpu_in_process_slices() -> None:
+    """Scenario 1 on a real GPU (MIG off): two `process` slices of one card; each hub user's
+    GPU cell computes with CuPy on it, in an executor running as that user's uid."""
+    accounts = ensure_users()
+    code = (
+        "%%gpufunc\nimport os, cupy\n"
+        "total = int(cupy.arange(1 << 20, dtype=cupy.int64).sum())\n"
+        'print("device", cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())\n'
+        'print("sum", total, "uid", os.getuid())\n'
+        'print("executor uid", os.getuid())'
+    )
+    with hub_node("local", slices=("--backend", "nvml", "--share", "2")) as node:
+        hub: Hub = node["hub"]
+        alice, bob = (hub.login(name) for name in USERS)
+        seen: dict[str, Any] = {}
+        for user in (alice, bob):
+            user.start_server()
+            kernel = user.start_kernel()
+            result = user.execute(kernel, code, timeout=300)
+            seen[user.name] = {"result": result, "view": my_slices(user)}
+            record("hub-gpu.json", seen)
+            assert result["reply"] == "ok", result
+        for user in (alice, bob):
+            out = seen[user.name]["result"]["stdout"]
+            assert f"sum {(1 << 20) * ((1 << 20) - 1) // 2} uid {accounts[user.name].pw_uid}" in out
+            assert "executor uid" in out and "device NVIDIA" in out, out
+            mine = [s for s in leased(seen[user.name]["view"]) if s["mine"]]
+            theirs = [s for s in leased(seen[user.name]["view"]) if not s["mine"]]
+            assert len(mine) == 1 and mine[0]["isolation"] == "process"
+            assert len(theirs) == 1 and theirs[0]["holder"].startswith("user-")
+        views = [seen[u.name]["view"] for u in (alice, bob)]
+        assert len({s["id"] for view in views for s in leased(view) if s["mine"]}) == 2
 
 
 def test_hub_users_sharing_an_os_user_are_told_apart_by_their_tokens() -> None:

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     """jupyter_server finds the extension (``jpserver_extensions: {"mig_kernel": true}``)
-    here; it lives in ``mig_kernel.jupyter.server_extension``. Imports nothing."""
-    return [{"module": "mig_kernel.jupyter.server_extension"}]
+    here; it lives in ``mig_kernel_rest`` (the checkout's top-level ``extension/``). Imports
+    nothing."""
+    return [{"module": "mig_kernel_rest"}]
 
 
 def __getattr__(name: str) -> Any:

@@ -18,11 +18,12 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPResponse
 
 import mig_kernel
-from mig_kernel.jupyter import server_extension
+import mig_kernel_rest
 from mig_kernel.jupyter.kernelspec import kernel_json
 from mig_kernel.jupyter.lab import LabOptions, jupyterlab_argv
 from mig_kernel.testing import BrokerProcess, wait_until
 from mig_kernel.wire.errors import AcquireCancelled, AcquireTimeout
+from mig_kernel_rest import handlers as server_extension
 from tests.support.lab import Lab
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
@@ -372,12 +373,14 @@ async def test_closing_stops_the_watch_thread_and_a_request_starts_it_again(
 
 # ------------------------------------------------------------------------ enabling it
 def test_extension_points_are_found_without_heavy_imports() -> None:
-    points = [{"module": "mig_kernel.jupyter.server_extension"}]
+    points = [{"module": "mig_kernel_rest"}]
     assert mig_kernel._jupyter_server_extension_points() == points
-    assert server_extension._jupyter_server_extension_points() == points
+    assert mig_kernel_rest._jupyter_server_extension_points() == points
     code = (
-        "import sys, mig_kernel; mig_kernel._jupyter_server_extension_points(); "
-        "print(sorted(m for m in ('numpy', 'zmq', 'mig_kernel.jupyter') if m in sys.modules))"
+        "import sys, mig_kernel, mig_kernel_rest; mig_kernel._jupyter_server_extension_points(); "
+        "heavy = ('numpy', 'zmq', 'mig_kernel.jupyter', 'jupyter_server', "
+        "'mig_kernel_rest.handlers'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -41,7 +41,7 @@ DEMOS_MANIFEST = ".mig-kernel-demos.json"  # what was copied: tells untouched co
 DEMO_SUFFIXES = (".ipynb", ".md")
 QUICKSTART = "quickstart.ipynb"
 LABEXTENSION = "@mig-kernel/labextension"  # the npm name of labextension/
-SERVER_EXTENSION = "mig_kernel"  # jpserver_extensions name (jupyter/server_extension.py)
+SERVER_EXTENSION = "mig_kernel"  # jpserver_extensions name (extension/mig_kernel_rest/)
 _PR_SET_PDEATHSIG = 1
 
 

@@ -1,12 +1,6 @@
-"""The jupyter_server extension: a REST API under ``<base_url>mig/api/`` for the JupyterLab
-extension (labextension/) and anyone with the server's token.
-
-design.md's layout puts this in a top-level ``extension/`` folder; it lives here instead,
-because a top-level package named ``extension`` would be a bad import name (generic, and
-it would shadow or be shadowed by any other ``extension`` on the path), and because it is
-notebook integration like the rest of ``mig_kernel.jupyter``. ``mig_kernel`` itself
-names it in ``_jupyter_server_extension_points``, so ``jpserver_extensions`` enables it as
-``mig_kernel``.
+"""The jupyter_server extension's handlers: a REST API under ``<base_url>mig/api/`` for the
+JupyterLab extension (labextension/) and anyone with the server's token. The package
+(``mig_kernel_rest/__init__.py``) names the module jupyter_server loads.
 
 Routes (each verb ``@web.authenticated`` and ``@authorized`` on the ``kernels`` resource,
 as jupyter_server's own kernel handlers):
@@ -43,12 +37,13 @@ from tornado import web
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
-from ..wire.errors import MigKernelError
+from mig_kernel.wire.errors import MigKernelError
 
 if TYPE_CHECKING:
     from jupyter_server.serverapp import ServerApp
 
-    from ..client import BrokerClient
+    from mig_kernel.client import BrokerClient
+
     from .broker_link import BrokerPool, StateFeed
 
 T = TypeVar("T")
@@ -78,10 +73,6 @@ STATUS_FOR_CODE = {
 
 LEASE_FIELDS = ("id", "created", "idle_timeout")
 SLICE_FIELDS = ("id", "uuid", "profile", "isolation", "memory_total")
-
-
-def _jupyter_server_extension_points() -> list[dict[str, str]]:
-    return [{"module": "mig_kernel.jupyter.server_extension"}]
 
 
 class MigKernelApi(LoggingConfigurable):
@@ -145,7 +136,8 @@ def _close_all() -> None:
         api.close()
 
 
-def _load_jupyter_server_extension(serverapp: ServerApp) -> None:
+def load(serverapp: ServerApp) -> None:
+    """Add the handlers and this server's MigKernelApi (see ``_load_jupyter_server_extension``)."""
     api = MigKernelApi(parent=serverapp, log=serverapp.log)
     web_app = serverapp.web_app
     web_app.settings[SETTINGS_KEY] = api

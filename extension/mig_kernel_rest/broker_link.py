@@ -17,10 +17,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..client import BrokerClient
-from ..watch import Watcher
-from ..wire.connection import connection_file_path, read_connection_file
-from ..wire.errors import AuthenticationError, BrokerUnavailable, MigKernelError
+from mig_kernel.client import BrokerClient
+from mig_kernel.watch import Watcher
+from mig_kernel.wire.connection import connection_file_path, read_connection_file
+from mig_kernel.wire.errors import AuthenticationError, BrokerUnavailable, MigKernelError
 
 T = TypeVar("T")
 

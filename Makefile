@@ -28,9 +28,13 @@ labextension: $(LABEXT)
 run: $(VENV)/.installed $(LABEXT)
 	$(VENV)/bin/mig-kernel lab $(ARGS)
 
+# Python with ruff; the extension's TypeScript and CSS with prettier (labextension/package.json).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	[ -x labextension/node_modules/.bin/prettier ] || \
+		(cd labextension && npm install --no-audit --no-fund)
+	cd labextension && npm run --silent lint:check
 
 # Everything CI runs. The browser test (tests/test_browser.py) drives Debian's Chromium; where it
 # is missing, pytest skips that test and this says so, with the one command that installs it.

@@ -137,10 +137,10 @@ export class MigApi {
 
   /** As a broker admin: end any lease (its holder's device data on the slice is dropped). */
   releaseLease(leaseId: string): Promise<Record<string, unknown>> {
-    return this.request<Record<string, unknown>>(
-      `leases/${encodeURIComponent(leaseId)}/release`,
-      { method: 'POST', body: '{}' }
-    );
+    return this.request<Record<string, unknown>>(`leases/${encodeURIComponent(leaseId)}/release`, {
+      method: 'POST',
+      body: '{}'
+    });
   }
 
   private async request<T>(

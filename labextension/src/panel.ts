@@ -183,7 +183,7 @@ export class PartitionView extends Widget {
       title: `Release the slice of ${holder}?`,
       body:
         `As a broker admin you end ${holder}'s lease ${lease.id} on ${slice.profile} now. ` +
-        "Their device data on the slice is dropped, not kept: their next GPU cell leases a " +
+        'Their device data on the slice is dropped, not kept: their next GPU cell leases a ' +
         'slice again and is told the data was lost.',
       buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Release' })]
     });

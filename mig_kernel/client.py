@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from .channel import Channel
+from .channel import Channel, error_of
 from .remote import ExecutorConnection, Invocation, RemoteArray, RemoteObject, Route
 from .wire.arena import Arena
 from .wire.connection import (
@@ -178,15 +178,26 @@ class BrokerClient:
             sent: set[bytes] = set()
             try:
                 while True:
-                    sent.add(channel.send("acquire", body))
+                    latest = channel.send("acquire", body)
+                    sent.add(latest)
                     turn_end = time.monotonic() + keepalive
                     if deadline is not None:
                         turn_end = min(turn_end, deadline)
                     while True:  # listen until the grant comes or the turn ends
                         try:
-                            reply = channel.receive(lambda m: m.re in sent, turn_end).body
+                            msg = channel.receive_any(lambda m: m.re in sent, turn_end)
                         except BrokerUnavailable:
                             break  # the turn is over: send the keepalive
+                        if msg.type == "error" and msg.body.get("code") == "replayed_message":
+                            # A keepalive queued while the broker was down (or stalled) arrived
+                            # stale: not an error of the request. Send a fresh one now if the
+                            # latest was refused; older ones are already superseded.
+                            if msg.re == latest:
+                                break
+                            continue
+                        if msg.type == "error":
+                            raise error_of(msg)
+                        reply = msg.body
                         if reply.get("status") == "granted":
                             return {**reply["lease"], "restored": reply.get("restored")}
                         if on_queued is not None:
@@ -273,6 +284,7 @@ def _note_heartbeat(state: dict[str, Any], reply: dict[str, Any]) -> bool:
         state["idle_seconds"] = reply.get("idle_seconds")
         state["idle_at"] = time.monotonic()
         state["generation"] = reply.get("generation", 0)
+        state["replaced"] = reply.get("replaced")
         return True
     state["ended"] = reply.get("reason") or reply.get("state")
     return False
@@ -495,7 +507,8 @@ class Session:
         if self.ended:
             return f"the lease was ended by the broker ({self.ended})"
         if self._state.get("generation", 0) != self.generation:
-            return "the broker replaced the executor"
+            # why, when the broker said (a hung executor: executor_watch.py)
+            return self._state.get("replaced") or "the broker replaced the executor"
         return None
 
     def _connection(self) -> ExecutorConnection:

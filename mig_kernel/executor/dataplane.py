@@ -299,9 +299,7 @@ class DataPlane:
             return self._to_device(job, self.arena.view(segment, offset, nbytes), dtype, shape)
         if kind == "buf":
             _, index, dtype, shape = pid
-            if not isinstance(index, int) or not 0 <= index < len(job.buffers):
-                raise ValueError(f"array buffer {index!r} is not in the message")
-            return self._to_device(job, job.buffers[index], dtype, shape)
+            return self._to_device(job, _buffer(job, index), dtype, shape)
         if kind in ("h", "obj"):
             return self.lookup(int(pid[1]))
         if kind == "host" and len(pid) == 2 and isinstance(pid[1], tuple):
@@ -316,9 +314,7 @@ class DataPlane:
             data = self.arena.view(segment, offset, nbytes)
         elif inner[0] == "buf":
             _, index, dtype, shape = inner
-            if not isinstance(index, int) or not 0 <= index < len(job.buffers):
-                raise ValueError(f"array buffer {index!r} is not in the message")
-            data = job.buffers[index]
+            data = _buffer(job, index)
         else:
             raise ValueError(f"unknown host array id {inner[0]!r}")
         dtype, shape = np.dtype(dtype), tuple(shape)
@@ -605,6 +601,24 @@ class DataPlane:
 # Frames a remote traceback leaves out: the sim ``xp``'s wrappers stand between the user's
 # line and NumPy's (``xp.ones`` -> ``numpy.ones``), where CuPy has no Python frame of ours.
 _HIDDEN_FILES = frozenset({simxp.__file__})
+
+
+def _buffer(job: Job, index: Any) -> Any:
+    """The bytes of a ``buf`` argument: one frame, or (a list of indices) a large array's
+    frames joined (tcp clients cut arrays into frames of limits.ARRAY_CHUNK bytes)."""
+    indices = index if isinstance(index, list) else [index]
+    for i in indices:
+        if not isinstance(i, int) or not 0 <= i < len(job.buffers):
+            raise ValueError(f"array buffer {i!r} is not in the message")
+    if not isinstance(index, list):
+        return job.buffers[index]
+    joined = bytearray(sum(len(job.buffers[i]) for i in indices))
+    at = 0
+    for i in indices:
+        part = job.buffers[i]
+        joined[at : at + len(part)] = part
+        at += len(part)
+    return joined
 
 
 def _hide_frames(report: traceback.TracebackException) -> traceback.TracebackException:

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from .errors import AuthenticationError, MalformedMessage, ReplayedMessage, UnknownRequest
+from .limits import finite_timestamp
 from .signing import SIGNATURE_BYTES, ReplayGuard
 
 PROTOCOL_VERSION = 2  # 2: small payloads inside the header (the data-plane latency work)
@@ -129,6 +130,8 @@ def peek_header(frames: Sequence[bytes]) -> dict[str, Any]:
     for name, kind in (("type", str), ("id", bytes), ("ts", (int, float)), ("body", dict)):
         if not isinstance(header.get(name), kind):
             raise MalformedMessage(f"header field {name!r} missing or of the wrong type")
+    if not finite_timestamp(header["ts"]):
+        raise MalformedMessage(f"header field 'ts' is {header['ts']!r}, not a finite time")
     return header
 
 

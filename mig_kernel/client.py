@@ -507,8 +507,8 @@ class Session:
         if self.ended:
             return f"the lease was ended by the broker ({self.ended})"
         if self._state.get("generation", 0) != self.generation:
-            # why, when the broker said (a hung executor: executor_watch.py)
-            return self._state.get("replaced") or "the broker replaced the executor"
+            replaced = self._state.get("replaced")  # why, as the broker said
+            return "the broker replaced the executor" + (f": {replaced}" if replaced else "")
         return None
 
     def _connection(self) -> ExecutorConnection:

@@ -7,7 +7,8 @@ for a tcp one; the endpoint's scheme says which).
 There is no background thread: whoever waits for a result receives for everyone (under the
 connection's lock), resolving other calls' futures and printing streamed output as it arrives.
 While waiting it checks every quarter second that the executor process still exists, so a
-dead executor is reported within a second instead of after the call's timeout.
+dead executor is reported within a second instead of after the call's timeout, and pings an
+executor that stays silent (liveness.py), so a stopped or hung one is reported too.
 
 Rich output of a call (``display()``, figures, ``clear_output()`` on the slice, see
 executor/display.py) arrives as ``display`` messages and is replayed through this process's

@@ -43,7 +43,7 @@ def unresponsive(
         ):
             why = (
                 f"the executor (pid {ex.pid}) stopped answering the broker for "
-                f"{now - since:.0f} s (stopped or hung); it was replaced"
+                f"{now - since:.0f} s (stopped or hung)"
             )
             hung.append((ex, why))
     return hung

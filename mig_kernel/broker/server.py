@@ -1423,7 +1423,7 @@ class Broker(LoggingConfigurable):
                 self.pool.kill(ex)
 
     def _executor_gone(self, ex: Executor, why: str) -> None:
-        why = ex.gone_reason or why
+        why = ex.gone_reason or why  # the broker's own reason when it killed a hung one
         expected = ex.phase == "stopping"
         never_ready = ex.phase == "starting"
         self._forget_executor(ex)
@@ -1431,7 +1431,7 @@ class Broker(LoggingConfigurable):
         if record is None:
             return
         if not expected:
-            self.log.warning("executor %s on %s %s", ex.id, record.info.id, why)
+            self.log.warning("executor %s on %s: %s", ex.id, record.info.id, why)
         if never_ready and not ex.adopted:
             record.failures += 1
             if record.failures >= self.max_executor_failures:
@@ -1445,7 +1445,7 @@ class Broker(LoggingConfigurable):
         lease = self.leases.get(record.lease_id or "")
         if lease is not None:
             lease.generation += 1
-            lease.replaced = why
+            lease.replaced = why if ex.gone_reason else f"the executor (pid {ex.pid}) {why}"
             self.store.update_lease_generation(lease)
         self._ensure_executor(record)
 

@@ -65,9 +65,22 @@ STRING_LIMITS: dict[str, int] = {
 DURATIONS = frozenset({"timeout", "idle_timeout"})
 
 
+_PLAIN = (bytes, bool, type(None))  # nothing to bound beyond the message size
+
+
 def check_body(body: dict[str, Any]) -> None:
-    """Raise BadRequest naming the first field out of bounds (see the module's docstring)."""
-    _check_map(body, "", 0)
+    """Raise BadRequest naming the first field out of bounds (see the module's docstring).
+
+    On the data plane's path (an invocation): about a microsecond for a typical body."""
+    if len(body) > MAX_ITEMS:
+        raise BadRequest(f"the body has {len(body)} fields; at most {MAX_ITEMS}")
+    for name, item in body.items():
+        if isinstance(name, str) and len(name) > 256:
+            raise BadRequest(f"a field name of {len(name)} characters; at most 256")
+        kind = type(item)
+        if kind in _PLAIN or (kind is str and len(item) <= ID_CHARS):
+            continue  # nothing to bound, or shorter than any string bound
+        _check(item, str(name), name if isinstance(name, str) else None, 1)
 
 
 def _check_map(value: dict[Any, Any], path: str, depth: int) -> None:
@@ -85,6 +98,8 @@ def _check_map(value: dict[Any, Any], path: str, depth: int) -> None:
 
 def _check(value: Any, path: str, name: str | None, depth: int) -> None:
     kind = type(value)
+    if kind in _PLAIN:
+        return
     if kind is float:
         if not math.isfinite(value):
             raise BadRequest(f"field {path!r}: {value} is not a finite number")

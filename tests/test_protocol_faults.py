@@ -75,6 +75,38 @@ def test_a_stopped_executor_is_replaced_and_the_broker_keeps_answering(make_brok
         session.close()
 
 
+def test_sends_to_an_executor_that_never_reads_never_block(tmp_path: Path) -> None:
+    """The pool's half of defect 1, in-process: a peer that accepts the connection and never
+    reads (what a stopped executor is to the broker) fills its queue; the pool's sends then
+    return at once instead of blocking the broker's loop, and the executor counts as not
+    answering."""
+    from mig_kernel.broker.pool import ExecutorPool
+    from mig_kernel.broker.state import Executor
+
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    silent.linger = 0
+    endpoint = f"ipc://{tmp_path / 'silent.sock'}"
+    silent.bind(endpoint)
+    pool = ExecutorPool(ctx, tmp_path, tmp_path)
+    ex = Executor("E-silent", "S-0", endpoint, b"c" * 32, b"t" * 32, None)
+    pool._connect(ex, 60.0)
+    done = threading.Event()
+
+    def flood() -> None:
+        for _ in range(20_000):
+            pool.request(ex, "restore", {"path": "p" * 4000})
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(30), "a send to an executor that does not read blocked the caller"
+    assert ex.awaiting_since is not None  # it counts as not answering from then on
+    assert len(pool.pending) < 20_000  # what was not sent is not awaited either
+    pool.forget(ex)
+    silent.close()
+    ctx.term()
+
+
 # -- defect 2: waiting acquires survive a broker restart ---------------------------------------
 def test_a_waiting_acquire_survives_a_broker_restart(make_broker) -> None:
     broker = make_broker(layout="H100-80GB:1g.10gb")

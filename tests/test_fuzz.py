@@ -132,7 +132,7 @@ def _fuzz_session(broker, session, per_target: int) -> dict[str, float]:
     for report in (to_broker, to_executor):
         assert report.sent == per_target
         # everything but the oversized frames (their connection is dropped) gets an answer
-        assert report.answered >= 0.8 * (report.sent - report.oversized), report
+        assert report.answered >= 0.95 * (report.sent - report.oversized), report
     figures = {
         "messages": 2 * per_target,
         "seconds": round(took, 1),

@@ -61,7 +61,7 @@ def test_a_stopped_executor_is_replaced_and_the_broker_keeps_answering(make_brok
                 assert count(c.status(), "broken") == 0
                 slowest = max(slowest, time.monotonic() - t0)
                 time.sleep(0.05)
-            assert slowest < 2.0, f"the broker stalled {slowest:.1f} s on a stopped executor"
+            assert slowest < 5.0, f"the broker stalled {slowest:.1f} s on a stopped executor"
             reply = c.heartbeat([session.id])[session.id]
         assert reply["state"] == "active"
         assert "stopped answering" in reply["replaced"]

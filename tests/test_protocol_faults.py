@@ -218,10 +218,15 @@ def test_huge_strings_are_refused_and_client_rows_stay_bounded(make_broker) -> N
         finally:
             db.close()
 
+    early = broker.client()
     for _ in range(200):
         broker.client().close()
     assert rows() <= 21  # the user's 20 newest sessions (the lease holder's among them)
     wait_until(lambda: rows() == 1, timeout=15, what="idle sessions expire")
+    # a client whose idle session was dropped opens another by itself
+    dropped = early.client_id
+    assert count(early.status(), "leased") == 1 and early.client_id != dropped
+    early.close()
     with broker.client() as c:  # the lease's session stayed: it holds a lease
         assert c.heartbeat([lease["id"]])[lease["id"]]["state"] == "active"
         c.request("release", lease_id=lease["id"])

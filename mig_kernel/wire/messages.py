@@ -92,6 +92,14 @@ def encode(
 
 
 REFUSAL = b""
+# A refusal is unsigned and carries only its reason: this one says the sender's session is
+# not known (never opened, or dropped when idle: broker/client_expiry.py).
+UNKNOWN_SENDER = "unknown sender"
+
+
+def is_unknown_sender(exc: Exception) -> bool:
+    """Whether a refusal says the sender's session is unknown (the client may open another)."""
+    return isinstance(exc, AuthenticationError) and UNKNOWN_SENDER in str(exc)
 
 
 def refusal(reason: str) -> list[bytes]:
@@ -145,7 +153,7 @@ def decode(
     header = peek_header(frames)
     key = key_for(header)
     if key is None:
-        raise AuthenticationError(f"unknown sender {header.get('from')!r}")
+        raise AuthenticationError(f"{UNKNOWN_SENDER} {header.get('from')!r}")
     payload = list(frames[2:])
     if not hmac.compare_digest(_mac(key, frames[1], payload), frames[0]):
         raise AuthenticationError("bad signature: the message was not signed with this peer's key")

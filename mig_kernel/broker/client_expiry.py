@@ -3,8 +3,9 @@
 Every ``hello`` opens a session (a row in SQLite and an entry in memory). A session that holds
 no lease and waits in no queue is dropped after ``idle_limit`` seconds without a request, and a
 user's sessions beyond ``per_user`` are dropped oldest-seen first when the user opens another.
-A dropped session's next request is refused as from an unknown sender (the client opens a new
-one with hello). Sessions with a lease or a queued request are never dropped here.
+A dropped session's next request is refused as from an unknown sender; ``BrokerClient`` then
+opens a new one with hello and asks again. Sessions with a lease or a queued request are never
+dropped here.
 """
 
 from __future__ import annotations

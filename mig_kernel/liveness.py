@@ -21,6 +21,7 @@ SILENT_PAST_TIMEOUT = 1.5
 # Without a timeout: silence after which the wait ends with ExecutorUnavailable (the call may
 # still run; waiting again is allowed). Long enough for code that holds the GIL for a while.
 SILENCE_LIMIT = 30.0
+PROBE_PREFIX = "probe-"  # call ids of probes (a late answer is dropped, never kept as a reply)
 
 
 class SilenceWatch:
@@ -31,12 +32,11 @@ class SilenceWatch:
         self.probe: str | None = None  # call id of the outstanding ping
 
     def heard(self, call_id: object) -> bool:
-        """Note a message from the executor; True if it answers our probe (nobody else's)."""
+        """Note a message from the executor; True if it answers a probe (for nobody else).
+        Any message answers the question a probe asks, so the next probe may go."""
         self.last_heard = time.monotonic()
-        if call_id is not None and call_id == self.probe:
-            self.probe = None
-            return True
-        return False
+        self.probe = None
+        return isinstance(call_id, str) and call_id.startswith(PROBE_PREFIX)
 
     def silence(self, since: float) -> float:
         return time.monotonic() - max(self.last_heard, since)
@@ -44,7 +44,7 @@ class SilenceWatch:
     def probe_due(self, since: float) -> str | None:
         """A fresh probe's call id if one should go now, else None."""
         if self.probe is None and self.silence(since) > PROBE_AFTER:
-            self.probe = f"probe-{os.urandom(4).hex()}"
+            self.probe = f"{PROBE_PREFIX}{os.urandom(4).hex()}"
             return self.probe
         return None
 

@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import threading
 import time
+import types
 from pathlib import Path
 
 import msgpack
@@ -251,8 +252,10 @@ def test_an_oversized_unauthenticated_frame_does_not_grow_a_tcp_executor(make_br
         grown = peak_rss(pid) - before
         assert grown < 64 << 20, f"the executor's peak RSS grew by {grown >> 20} MiB"
         # a legitimate array larger than one frame still travels (in several frames)
-        big = np.arange((80 << 20) // 8, dtype=np.float64)
-        assert s.run(lambda a: float(a[-1]), big) == float(big[-1])
+        big = np.random.default_rng(7).standard_normal((80 << 20) // 8)
+        np.testing.assert_array_equal(s.run(lambda a: a * 2, big, to_host=True), big * 2)
+        boxed = types.SimpleNamespace(array=big)  # inside another object: a host array there
+        assert s.run(lambda box: float(box.array.sum()), boxed) == float(big.sum())
         assert s.ping()["pid"] == pid
 
 

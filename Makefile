@@ -7,7 +7,7 @@ LABEXT := mig_kernel/labextension/package.json
 LABEXT_SOURCES := $(wildcard labextension/src/*.ts labextension/style/*.css labextension/style/*.js) \
 	labextension/package.json labextension/tsconfig.json
 
-.PHONY: run test lint venv labextension bench browser
+.PHONY: run test lint venv labextension bench browser soak
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -54,3 +54,7 @@ browser:
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/report.py --suite cpu $(ARGS)
+
+# The long reliability runs (docs/reliability.md), left out of `make test` (marker `soak`).
+soak: $(VENV)/.installed
+	$(PY) -m pytest -m soak

@@ -63,7 +63,17 @@ class Channel:
     def receive(
         self, accept: Callable[[Message], bool], deadline: float, key: bytes | None = None
     ) -> Message:
-        """The next reply ``accept`` takes (others are stale answers to abandoned requests)."""
+        """The next reply ``accept`` takes (others are stale answers to abandoned requests);
+        an error reply is raised as its class."""
+        msg = self.receive_any(accept, deadline, key)
+        if msg.type == "error":
+            raise error_of(msg)
+        return msg
+
+    def receive_any(
+        self, accept: Callable[[Message], bool], deadline: float, key: bytes | None = None
+    ) -> Message:
+        """``receive``, returning error replies too (for callers that handle some codes)."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1):
@@ -74,11 +84,6 @@ class Channel:
                 raise AuthenticationError(f"{self.endpoint} refused the request: {reason}")
             msg = decode(frames, lambda _h: key or self.key, None)
             if accept(msg):
-                if msg.type == "error":
-                    body = msg.body
-                    raise error_from_code(
-                        body.get("code", "error"), body.get("message", ""), body.get("details")
-                    )
                 return msg
 
     def call(
@@ -103,3 +108,9 @@ class Channel:
                     if exc.code != "replayed_message" or attempt:
                         raise
             raise AssertionError("unreachable")
+
+
+def error_of(msg: Message) -> MigKernelError:
+    """The exception an ``error`` reply stands for (its code's class)."""
+    body = msg.body
+    return error_from_code(body.get("code", "error"), body.get("message", ""), body.get("details"))

@@ -15,12 +15,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zmq
 
-from .channel import Channel
+from .channel import Channel, error_of
 from .remote import ExecutorConnection, Invocation, RemoteArray, RemoteObject, Route
 from .wire.arena import Arena
 from .wire.connection import (
@@ -31,12 +31,14 @@ from .wire.connection import (
 )
 from .wire.errors import (
     AcquireTimeout,
+    AuthenticationError,
     BrokerUnavailable,
     ExecutorUnavailable,
     LeaseEnded,
     LeaseNotFound,
     MigKernelError,
 )
+from .wire.messages import is_unknown_sender
 from .wire.reach import check_reachable
 
 # (position, queue length, why it waits: one line naming, at the user's limit, their notebooks)
@@ -44,6 +46,9 @@ QueuedCallback = Callable[[int, int, str], None]
 ENV_HUB_TOKEN = "JUPYTERHUB_API_TOKEN"  # set by JupyterHub for a user's server and its kernels
 EXECUTOR_REPLACE_WAIT = 60.0  # seconds a call waits for the broker to replace a lost executor
 ENV_SESSION_NAME = "JPY_SESSION_NAME"  # jupyter_server: the notebook path of a kernel it starts
+
+
+T = TypeVar("T")
 
 
 def notebook_label(env: Mapping[str, str] | None = None) -> str | None:
@@ -90,19 +95,39 @@ class BrokerClient:
                 f"cannot connect to {self.info.endpoint} named in "
                 f"{connection_file_path(connection_file)}: {exc}"
             ) from None
+        self.claims = claims
+        self.owns_session = credentials is None  # a fork shares another client's session
         if credentials is None:
             try:
-                hello = self.channel.call("hello", self._hello_body(claims))
+                self._hello()
             except BaseException:
                 self.channel.close()
                 raise
-            self.client_id: str = hello["client_id"]
-            self.session: dict[str, Any] = hello
-            credentials = (hello["client_id"], bytes.fromhex(hello["client_key"]))
         else:
             self.session = {}
-        self.client_id, self.key = credentials
-        self.channel.key, self.channel.sender = self.key, self.client_id
+            self.client_id, self.key = credentials
+            self.channel.key, self.channel.sender = self.key, self.client_id
+
+    def _hello(self) -> None:
+        """Open a client session (again, after the broker dropped an idle one)."""
+        with self.channel.lock:
+            self.channel.key, self.channel.sender = self.info.key_bytes, None
+            hello = self.channel.call("hello", self._hello_body(self.claims))
+            self.session: dict[str, Any] = hello
+            self.client_id: str = hello["client_id"]
+            self.key: bytes = bytes.fromhex(hello["client_key"])
+            self.channel.key, self.channel.sender = self.key, self.client_id
+
+    def _session_call(self, call: Callable[[], T]) -> T:
+        """``call()``; if the broker dropped this client's idle session (client_expiry.py),
+        open a new one and call once more."""
+        try:
+            return call()
+        except AuthenticationError as exc:
+            if not self.owns_session or not is_unknown_sender(exc):
+                raise
+        self._hello()
+        return call()
 
     def _hello_body(self, claims: dict[str, Any] | None) -> dict[str, Any]:
         """Who this process says it is. A multi-user broker also gets the JupyterHub API token
@@ -131,7 +156,7 @@ class BrokerClient:
         )
 
     def request(self, msg_type: str, timeout: float | None = None, **body: Any) -> dict[str, Any]:
-        return self.channel.call(msg_type, body, timeout=timeout)
+        return self._session_call(lambda: self.channel.call(msg_type, body, timeout=timeout))
 
     # -- leases ----------------------------------------------------------------------------
     def acquire(
@@ -159,18 +184,22 @@ class BrokerClient:
         for one of their own slices, which the answer names). An interrupt or the timeout
         cancels the request.
         """
-        ticket = "T-" + os.urandom(8).hex()
         body = {
             "profile": profile,
             "memory": memory,
             "wait": wait,
             "timeout": timeout,
-            "ticket": ticket,
+            "ticket": "T-" + os.urandom(8).hex(),
             "restore": restore,
             "idle_timeout": idle_timeout,
             "tag": tag,
             "label": label or notebook_label(),
         }
+        return self._session_call(lambda: self._acquire(body, timeout, on_queued))
+
+    def _acquire(
+        self, body: dict[str, Any], timeout: float | None, on_queued: QueuedCallback | None
+    ) -> dict[str, Any]:
         keepalive = float(self.session.get("queue_keepalive", 1.0))
         deadline = time.monotonic() + timeout if timeout is not None else None
         channel = self.channel
@@ -178,15 +207,26 @@ class BrokerClient:
             sent: set[bytes] = set()
             try:
                 while True:
-                    sent.add(channel.send("acquire", body))
+                    latest = channel.send("acquire", body)
+                    sent.add(latest)
                     turn_end = time.monotonic() + keepalive
                     if deadline is not None:
                         turn_end = min(turn_end, deadline)
                     while True:  # listen until the grant comes or the turn ends
                         try:
-                            reply = channel.receive(lambda m: m.re in sent, turn_end).body
+                            msg = channel.receive_any(lambda m: m.re in sent, turn_end)
                         except BrokerUnavailable:
                             break  # the turn is over: send the keepalive
+                        if msg.type == "error" and msg.body.get("code") == "replayed_message":
+                            # A keepalive queued while the broker was down (or stalled) arrived
+                            # stale: not an error of the request. Send a fresh one now if the
+                            # latest was refused; older ones are already superseded.
+                            if msg.re == latest:
+                                break
+                            continue
+                        if msg.type == "error":
+                            raise error_of(msg)
+                        reply = msg.body
                         if reply.get("status") == "granted":
                             return {**reply["lease"], "restored": reply.get("restored")}
                         if on_queued is not None:
@@ -198,7 +238,7 @@ class BrokerClient:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise AcquireTimeout(f"no slice granted within {timeout:g} s")
             except BaseException:
-                self._cancel(ticket)
+                self._cancel(body["ticket"])
                 raise
 
     def _cancel(self, ticket: str) -> None:
@@ -273,6 +313,7 @@ def _note_heartbeat(state: dict[str, Any], reply: dict[str, Any]) -> bool:
         state["idle_seconds"] = reply.get("idle_seconds")
         state["idle_at"] = time.monotonic()
         state["generation"] = reply.get("generation", 0)
+        state["replaced"] = reply.get("replaced")
         return True
     state["ended"] = reply.get("reason") or reply.get("state")
     return False
@@ -495,7 +536,8 @@ class Session:
         if self.ended:
             return f"the lease was ended by the broker ({self.ended})"
         if self._state.get("generation", 0) != self.generation:
-            return "the broker replaced the executor"
+            replaced = self._state.get("replaced")  # why, as the broker said
+            return "the broker replaced the executor" + (f": {replaced}" if replaced else "")
         return None
 
     def _connection(self) -> ExecutorConnection:

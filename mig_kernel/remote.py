@@ -7,7 +7,8 @@ for a tcp one; the endpoint's scheme says which).
 There is no background thread: whoever waits for a result receives for everyone (under the
 connection's lock), resolving other calls' futures and printing streamed output as it arrives.
 While waiting it checks every quarter second that the executor process still exists, so a
-dead executor is reported within a second instead of after the call's timeout.
+dead executor is reported within a second instead of after the call's timeout, and pings an
+executor that stays silent (liveness.py), so a stopped or hung one is reported too.
 
 Rich output of a call (``display()``, figures, ``clear_output()`` on the slice, see
 executor/display.py) arrives as ``display`` messages and is replayed through this process's
@@ -40,6 +41,7 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 
 from . import arrayops
 from .datapath import ArenaPath, DataPath, Outgoing, SocketPath
+from .liveness import SilenceWatch
 from .procs import pid_alive
 from .wire import payload
 from .wire.arena import Arena
@@ -48,11 +50,24 @@ from .wire.errors import (
     ExecutorUnavailable,
     error_from_code,
 )
+from .wire.limits import EXECUTOR_FRAME_MAX, MiB
 from .wire.messages import INLINE_BYTES, Message, decode, encode, refusal_reason
 from .wire.transport import TCP, connect, received, send_frames, transport_of
 
 POLL_SLICE = 0.25  # seconds between executor liveness checks while waiting
 CANCEL_GRACE = 3.0  # seconds an interrupted wait gives the executor to stop the call
+
+
+def _check_frame_sizes(fn_data: bytes, data: bytes) -> None:
+    """An executor drops the connection of a peer that sends a frame over EXECUTOR_FRAME_MAX
+    (before it can check a signature); say so here instead, with what to do."""
+    for what, frame in (("function", fn_data), ("arguments", data)):
+        if len(frame) > EXECUTOR_FRAME_MAX:
+            raise ValueError(
+                f"the call's {what} pickle to {len(frame) / MiB:.0f} MiB; an executor accepts "
+                f"at most {EXECUTOR_FRAME_MAX // MiB} MiB per message frame. Pass large data "
+                "as NumPy arrays (they travel apart from the pickle) or put() it first."
+            )
 
 
 class ExecutorLost(ExecutorUnavailable):
@@ -327,6 +342,7 @@ class Invocation:
         self.to_host = to_host
         self.outgoing = outgoing  # arena regions of the arguments, freed when the call ends
         self.timeout = timeout
+        self.sent_at = time.monotonic()  # silence of the executor counts from here (liveness)
         self._finished = False  # only a flag: whoever waits receives for everyone (no Event)
         self.timings: dict[str, float] = {}  # executor-side: stage_in_ms, compute_ms
         self._value: Any = None
@@ -396,6 +412,7 @@ class ExecutorConnection:
         self.abandoned: set[str] = set()  # interrupted calls whose late results are dropped
         self.lost: str | None = None
         self.closed = False
+        self.silence = SilenceWatch()
 
     def close(self) -> None:
         with self.lock:
@@ -456,6 +473,7 @@ class ExecutorConnection:
             else:
                 device = _device_arrays(args) if msg_type == "invoke" else None
                 data = payload.dumps(args, self._pickle_hook(out, device))
+            _check_frame_sizes(fn_data, data)
         except BaseException:
             self.data.discard(out)
             raise
@@ -489,11 +507,25 @@ class ExecutorConnection:
                     if invocation.done():
                         return
                     self._receive_some(POLL_SLICE)
+                    if not invocation.done():
+                        self._probe(invocation)
                 if deadline is not None and time.monotonic() > deadline and not invocation.done():
                     raise TimeoutError(f"no result from the slice within {timeout:g} s")
         except KeyboardInterrupt:
             self.cancel(invocation)
             raise
+
+    def _probe(self, invocation: Invocation) -> None:
+        """Ping a silent executor; end the wait if it stays silent (liveness.py)."""
+        since, timeout = invocation.sent_at, invocation.timeout
+        why = self.silence.verdict(since, timeout)
+        if why is not None:
+            if timeout is not None:
+                raise TimeoutError(why)
+            raise ExecutorUnavailable(why)
+        probe = self.silence.probe_due(since)
+        if probe is not None:
+            self._send("ping", {"call_id": probe})
 
     def cancel(self, invocation: Invocation, grace: float = CANCEL_GRACE) -> bool:
         """Ask the executor to drop ``invocation`` (queued) or interrupt it (running) and wait
@@ -581,6 +613,8 @@ class ExecutorConnection:
         msg = decode(frames, lambda _h: self.key, None)
         body = msg.body
         call_id = body.get("call_id", "")
+        if self.silence.heard(call_id):
+            return  # the answer to a liveness probe
         if msg.type == "stream":
             target = sys.stderr if body.get("name") == "stderr" else sys.stdout
             target.write(body.get("text", ""))

@@ -23,6 +23,7 @@ from ..procs import proc_start_ticks
 from ..slices.model import SliceInfo
 from ..wire.errors import AuthenticationError, MigKernelError
 from ..wire.executor_spec import CONTROL_SENDER, ExecutorSpec
+from ..wire.limits import CONTROL_QUEUE, CONTROL_REPLY_MAX, limit_frames
 from ..wire.messages import Message, decode, encode, refusal_reason
 from ..wire.paths import unlink_quietly
 from ..wire.signing import new_key
@@ -30,7 +31,6 @@ from ..wire.transport import IPC, TCP, reserve_tcp_port
 from .state import Executor, new_id
 
 log = logging.getLogger("mig_kernel.broker")
-CONTROL_REPLY_MAX = 1 << 20  # bytes: ready, rekey, stats, become, spill and restore reports
 
 
 class ExecutorPool:
@@ -157,7 +157,10 @@ class ExecutorPool:
         sock.setsockopt(zmq.RECONNECT_IVL, 10)  # the executor binds once warm; notice it fast
         # Control replies are small; on a multi-user node the executor runs its tenant's code
         # and may say anything: a larger message drops the connection instead of the memory.
-        sock.setsockopt(zmq.MAXMSGSIZE, CONTROL_REPLY_MAX)
+        limit_frames(sock, CONTROL_REPLY_MAX)
+        # A hung or stopped executor reads nothing: a short queue, and sends that never wait
+        # (``_send``), so the broker's loop never blocks on one executor.
+        sock.setsockopt(zmq.SNDHWM, CONTROL_QUEUE)
         sock.connect(ex.endpoint)
         ex.socket = sock
         ex.phase = "starting"
@@ -166,13 +169,22 @@ class ExecutorPool:
         self._send(ex, "ready", {})
 
     # -- requests ------------------------------------------------------------------------
-    def _send(self, ex: Executor, msg_type: str, body: dict[str, Any]) -> None:
+    def _send(self, ex: Executor, msg_type: str, body: dict[str, Any]) -> bool:
+        """Queue a request without ever waiting. False if the executor's queue is full (it
+        has not read for ``CONTROL_QUEUE`` requests): it counts as not answering from then on
+        (executor_watch.py replaces it once that lasts)."""
         assert ex.socket is not None
         msg_id = os.urandom(16)
+        frames = encode(msg_type, body, ex.control_key, sender=CONTROL_SENDER, msg_id=msg_id)
+        try:
+            ex.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("executor %s does not read its requests; %s not sent", ex.id, msg_type)
+            if ex.awaiting_since is None:
+                ex.awaiting_since = time.time()
+            return False
         self.pending[msg_id] = (msg_type, ex)
-        ex.socket.send_multipart(
-            encode(msg_type, body, ex.control_key, sender=CONTROL_SENDER, msg_id=msg_id)
-        )
+        return True
 
     def rekey(self, ex: Executor, timeout: float = 5.0) -> None:
         ex.pending_key = new_key()
@@ -185,7 +197,19 @@ class ExecutorPool:
         self._send(ex, msg_type, body)
 
     def request_stats(self, ex: Executor) -> None:
-        self._send(ex, "stats", {})
+        """Ask for activity and memory, unless an earlier stats request is still unanswered
+        (one outstanding per executor); the oldest unanswered one dates ``awaiting_since``."""
+        if ex.stats_outstanding:
+            return
+        if self._send(ex, "stats", {}):
+            ex.stats_outstanding = True
+            if ex.awaiting_since is None:
+                ex.awaiting_since = time.time()
+
+    def awaits_other(self, ex: Executor) -> bool:
+        """Whether a request other than stats is outstanding (a spill, restore or become may
+        keep the executor from answering for as long as it takes; each has its own limit)."""
+        return any(e is ex and kind != "stats" for kind, e in self.pending.values())
 
     def stop(self, ex: Executor, grace: float = 3.0) -> None:
         """Ask the executor to exit; ``check`` kills it if it has not after ``grace`` seconds."""
@@ -220,6 +244,10 @@ class ExecutorPool:
             log.error("bad reply from executor %s: %s", ex.id, exc)
             return None
         pending = self.pending.pop(msg.re or b"", None)
+        if pending is not None and pending[0] == "stats":
+            ex.stats_outstanding = False
+        # It answers: what it still owes is counted from now.
+        ex.awaiting_since = time.time() if ex.stats_outstanding else None
         if pending is None:
             return None
         kind, _ = pending

@@ -38,11 +38,13 @@ from ..wire.connection import (
     default_state_dir,
     ipc_endpoint,
 )
+from ..wire.limits import BROKER_MESSAGE_MAX, WATCH_MESSAGE_MAX, check_body, limit_frames
 from ..wire.messages import Message, decode, encode, error_body, handler_name, refusal
 from ..wire.paths import UnsafePath, private_dir, unlink_quietly
 from ..wire.peercred import PeerCredentials, peer_credentials
 from ..wire.signing import ReplayGuard, new_key
 from ..wire.transport import IPC, TRANSPORTS, transport_of
+from . import client_expiry, executor_watch
 from . import policy as P
 from .gpu_lock import default_lock_dir
 from .identity import (
@@ -72,7 +74,6 @@ from .store import Store
 
 log = logging.getLogger("mig_kernel.broker")
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_BATCH = 512  # requests handled per loop turn before timers and the commit get their turn
 
 
@@ -177,12 +178,30 @@ class Broker(LoggingConfigurable):
         3, help="Consecutive failed executor starts after which a slice is marked broken."
     ).tag(config=True)
     stats_interval = Float(
-        2.0, help="Seconds between activity/memory polls of leased executors."
+        2.0,
+        help="Seconds between activity/memory polls of executors (also how they are "
+        "seen to answer: executor_watch.py).",
+    ).tag(config=True)
+    executor_answer_timeout = Float(
+        30.0,
+        help="Seconds a ready executor may leave the broker's requests unanswered before it "
+        "counts as hung (stopped, or wedged in code that never lets its watcher thread run) "
+        "and is replaced; its lease holder is told why. A long call does not count.",
     ).tag(config=True)
     publish_interval = Float(
         0.2, help="Minimum seconds between two state publications on the watch stream."
     ).tag(config=True)
     lease_history = Int(10000, help="Ended leases kept in the state database.").tag(config=True)
+    client_expiry = Float(
+        7 * 86400.0,
+        help="Seconds after its last request when a client session without a lease or queued "
+        "request is dropped (0: never); the client opens a new one with hello.",
+    ).tag(config=True)
+    sessions_per_user = Int(
+        256,
+        help="Client sessions one user may hold; opening another drops their longest-unused "
+        "session without a lease or queued request (0: no limit).",
+    ).tag(config=True)
     spill_timeout = Float(
         120.0, help="Seconds an idle lease's executor may take to spill its device data."
     ).tag(config=True)
@@ -272,11 +291,12 @@ class Broker(LoggingConfigurable):
         self.context = zmq.Context()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.linger = 0
-        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        limit_frames(self.router, BROKER_MESSAGE_MAX)
         self.endpoint = ipc_endpoint(self.runtime_path, "broker.sock")
         bind_private(self.router, self.endpoint, socket_mode)
         self.pub = self.context.socket(zmq.PUB)
         self.pub.linger = 0
+        limit_frames(self.pub, WATCH_MESSAGE_MAX)  # subscribers only send subscriptions
         self.watch_endpoint = ipc_endpoint(self.runtime_path, "watch.sock")
         bind_private(self.pub, self.watch_endpoint, socket_mode)
         self.poller = zmq.Poller()
@@ -494,10 +514,21 @@ class Broker(LoggingConfigurable):
         if self._due("leases", 0.5, now):
             self._check_leases(now)
             self._check_queue(now)
+        if self._due("clients", min(5.0, max(self.client_expiry / 2, 0.5)), now):
+            busy = client_expiry.busy_ids(self.leases.values(), self.queue)
+            self._drop_clients(
+                client_expiry.expired(self.clients.values(), busy, now, self.client_expiry)
+            )
         if self._due("stats", self.stats_interval, now):
-            for ex in self.executors.values():
-                if ex.phase == "ready" and ex.key_lease is not None:
-                    self.pool.request_stats(ex)
+            executor_watch.poll_stats(self.pool, self.executors.values())
+            hung = executor_watch.unresponsive(
+                self.pool, self.executors.values(), now, self.executor_answer_timeout
+            )
+            for ex, why in hung:
+                self.log.warning("executor %s on %s: %s", ex.id, ex.slice_id, why)
+                ex.gone_reason = why
+                ex.deadline = float("inf")
+                self.pool.kill(ex)  # _check_executors replaces it and tells its lease why
 
     # ================================================================== requests
     def _key_for(self, header: dict[str, Any]) -> bytes | None:
@@ -534,6 +565,9 @@ class Broker(LoggingConfigurable):
                 raise E.ReplayedMessage(f"replayed or stale message refused: {reason}")
             if msg.type != "hello" and client is None:
                 raise E.AuthenticationError("unknown client session: send hello first")
+            check_body(msg.body)
+            if client is not None:
+                client.last_seen = time.time()
             if (
                 client is not None
                 and client.uid is not None
@@ -616,9 +650,21 @@ class Broker(LoggingConfigurable):
             else:
                 self._reply(req.route, req.msg.id, req.key, body)
 
+    def _drop_clients(self, clients: list[Client]) -> None:
+        for client in clients:
+            del self.clients[client.id]
+        if clients:
+            self.store.delete_clients([c.id for c in clients])
+
     def _open_session(self, identity: Identity) -> dict[str, Any]:
         identity = replace(identity, admin=self.policy.is_admin(identity))
         self.policy.check_allowed(identity)
+        busy = client_expiry.busy_ids(self.leases.values(), self.queue)
+        self._drop_clients(
+            client_expiry.over_limit(
+                self.clients.values(), busy, identity.user, self.sessions_per_user
+            )
+        )
         client = Client(
             new_id("C"),
             identity.user,
@@ -661,10 +707,6 @@ class Broker(LoggingConfigurable):
             raise E.BadRequest(f"timeout must not be negative, got {timeout}")
         if idle_timeout is not None and idle_timeout <= 0:
             raise E.BadRequest(f"idle_timeout must be positive seconds, got {idle_timeout}")
-        if tag is not None and len(tag) > 200:
-            raise E.BadRequest(f"tag is {len(tag)} characters long; at most 200 are allowed")
-        if label is not None and len(label) > 1000:
-            raise E.BadRequest(f"label is {len(label)} characters long; at most 1000 are allowed")
         idle = float(idle_timeout) if idle_timeout else None
         request = Request(profile, memory, idle, tag, label)
 
@@ -878,6 +920,7 @@ class Broker(LoggingConfigurable):
                 "endpoint": ex.endpoint if ex else None,
                 "pid": ex.pid if ex else None,
                 "generation": lease.generation,
+                "replaced": lease.replaced,  # why the last executor was replaced, if it was
             },
             "key": lease.key.hex(),
             "owner": lease.owner,
@@ -1027,6 +1070,7 @@ class Broker(LoggingConfigurable):
                     "state": "active",
                     "idle_seconds": now - lease.last_active,
                     "generation": lease.generation,
+                    "replaced": lease.replaced,
                 }
                 continue
             ended = self.store.ended_lease(lease_id)
@@ -1379,6 +1423,7 @@ class Broker(LoggingConfigurable):
                 self.pool.kill(ex)
 
     def _executor_gone(self, ex: Executor, why: str) -> None:
+        why = ex.gone_reason or why  # the broker's own reason when it killed a hung one
         expected = ex.phase == "stopping"
         never_ready = ex.phase == "starting"
         self._forget_executor(ex)
@@ -1386,7 +1431,7 @@ class Broker(LoggingConfigurable):
         if record is None:
             return
         if not expected:
-            self.log.warning("executor %s on %s %s", ex.id, record.info.id, why)
+            self.log.warning("executor %s on %s: %s", ex.id, record.info.id, why)
         if never_ready and not ex.adopted:
             record.failures += 1
             if record.failures >= self.max_executor_failures:
@@ -1400,6 +1445,7 @@ class Broker(LoggingConfigurable):
         lease = self.leases.get(record.lease_id or "")
         if lease is not None:
             lease.generation += 1
+            lease.replaced = why if ex.gone_reason else f"the executor (pid {ex.pid}) {why}"
             self.store.update_lease_generation(lease)
         self._ensure_executor(record)
 

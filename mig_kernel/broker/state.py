@@ -64,6 +64,7 @@ class Client:
     created: float
     uid: int | None = None  # every request of the session must come from this uid
     groups: tuple[str, ...] = ()
+    last_seen: float = field(default_factory=time.time)  # its last request (client_expiry.py)
 
     @property
     def identity(self) -> Identity:
@@ -85,6 +86,7 @@ class Lease:
     request_ticket: str = ""  # the acquire ticket it answered: a re-sent acquire finds it
     spill_deadline: float | None = None  # set while its executor spills it (idle or suspend)
     spill_reason: str = "idle"  # how the lease ends once the spill is done
+    replaced: str | None = None  # why its last executor was replaced (told to the holder)
 
 
 @dataclass
@@ -111,6 +113,9 @@ class Executor:
     busy: float | None = None  # share of the last stats interval spent running calls
     busy_seconds: float | None = None  # the executor's running total at its last stats answer
     stats_at: float = 0.0  # the executor's monotonic clock at that answer
+    stats_outstanding: bool = False  # a stats request is unanswered (at most one is sent)
+    awaiting_since: float | None = None  # since when a request waits for any answer
+    gone_reason: str | None = None  # why the broker killed it (it stopped answering)
 
 
 @dataclass

@@ -222,6 +222,9 @@ class Store:
             for r in rows
         }
 
+    def delete_clients(self, ids: list[str]) -> None:
+        self.db.executemany("DELETE FROM clients WHERE id = ?", [(i,) for i in ids])
+
     def prune_clients(self, older_than: float) -> None:
         """Drop client sessions older than ``older_than`` that hold no active lease."""
         self.db.execute(

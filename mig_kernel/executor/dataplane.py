@@ -299,9 +299,7 @@ class DataPlane:
             return self._to_device(job, self.arena.view(segment, offset, nbytes), dtype, shape)
         if kind == "buf":
             _, index, dtype, shape = pid
-            if not isinstance(index, int) or not 0 <= index < len(job.buffers):
-                raise ValueError(f"array buffer {index!r} is not in the message")
-            return self._to_device(job, job.buffers[index], dtype, shape)
+            return self._to_device(job, _buffer(job, index, join=False), dtype, shape)
         if kind in ("h", "obj"):
             return self.lookup(int(pid[1]))
         if kind == "host" and len(pid) == 2 and isinstance(pid[1], tuple):
@@ -316,9 +314,7 @@ class DataPlane:
             data = self.arena.view(segment, offset, nbytes)
         elif inner[0] == "buf":
             _, index, dtype, shape = inner
-            if not isinstance(index, int) or not 0 <= index < len(job.buffers):
-                raise ValueError(f"array buffer {index!r} is not in the message")
-            data = job.buffers[index]
+            data = _buffer(job, index)
         else:
             raise ValueError(f"unknown host array id {inner[0]!r}")
         dtype, shape = np.dtype(dtype), tuple(shape)
@@ -328,13 +324,17 @@ class DataPlane:
         return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
     def _to_device(self, job: Job, data: Any, dtype: Any, shape: Any) -> Any:
-        """An argument's bytes (arena region or message frame) as a device array."""
+        """An argument's bytes (arena region or message frame, or a list of frames) as a
+        device array."""
         dtype, shape = np.dtype(dtype), tuple(shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if len(data) != nbytes:
-            raise ValueError(f"array of {shape} {dtype} needs {nbytes} bytes, got {len(data)}")
+        got = sum(len(part) for part in data) if isinstance(data, list) else len(data)
+        if got != nbytes:
+            raise ValueError(f"array of {shape} {dtype} needs {nbytes} bytes, got {got}")
         self._account(nbytes)
         job.input_bytes += nbytes
+        if isinstance(data, list):
+            return self.runtime.to_device_parts(data, dtype, shape)
         return self.runtime.to_device(np.frombuffer(data, dtype=dtype).reshape(shape))
 
     def _fetch(self, job: Job) -> list[memoryview]:
@@ -605,6 +605,27 @@ class DataPlane:
 # Frames a remote traceback leaves out: the sim ``xp``'s wrappers stand between the user's
 # line and NumPy's (``xp.ones`` -> ``numpy.ones``), where CuPy has no Python frame of ours.
 _HIDDEN_FILES = frozenset({simxp.__file__})
+
+
+def _buffer(job: Job, index: Any, join: bool = True) -> Any:
+    """The bytes of a ``buf`` argument: one frame, or (a list of indices) a large array's
+    frames (tcp clients cut arrays into frames of limits.ARRAY_CHUNK bytes), joined, or as a
+    list of frames for the device copy to take one by one."""
+    indices = index if isinstance(index, list) else [index]
+    for i in indices:
+        if not isinstance(i, int) or not 0 <= i < len(job.buffers):
+            raise ValueError(f"array buffer {i!r} is not in the message")
+    if not isinstance(index, list):
+        return job.buffers[index]
+    if not join:
+        return [job.buffers[i] for i in indices]
+    joined = bytearray(sum(len(job.buffers[i]) for i in indices))
+    at = 0
+    for i in indices:
+        part = job.buffers[i]
+        joined[at : at + len(part)] = part
+        at += len(part)
+    return joined
 
 
 def _hide_frames(report: traceback.TracebackException) -> traceback.TracebackException:

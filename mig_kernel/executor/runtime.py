@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from numpy import copyto as numpy_copyto
+from numpy import frombuffer as numpy_frombuffer
 
 from .simxp import SimDeviceArray, SimXP
 
@@ -235,6 +236,25 @@ class Runtime:
             device = self.xp.empty(host.shape, dtype=host.dtype)
             device.set(host, stream=self.copy_stream)
         return device
+
+    def to_device_parts(self, parts: list[Any], dtype: Any, shape: tuple[int, ...]) -> Any:
+        """A device array from its bytes in consecutive parts (a tcp argument cut into frames:
+        limits.ARRAY_CHUNK), each copied straight to its place: no joined host copy."""
+        if self.name == "numpy":
+            device = self.sim_pool.empty(shape, dtype)
+        else:
+            device = self.xp.empty(shape, dtype=dtype)
+        flat = device.reshape(-1).view("uint8")
+        at = 0
+        with contextlib.nullcontext() if self.name == "numpy" else self.copy_stream:
+            for part in parts:
+                host = numpy_frombuffer(part, dtype="uint8")
+                if self.name == "numpy":
+                    numpy_copyto(flat[at : at + host.nbytes], host)
+                else:
+                    flat[at : at + host.nbytes].set(host, stream=self.copy_stream)
+                at += host.nbytes
+        return device.view(SimDeviceArray) if self.name == "numpy" else device
 
     def record_copy(self) -> Any:
         """An event marking that the copies issued so far are done (None on sim)."""

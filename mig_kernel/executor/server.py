@@ -38,6 +38,7 @@ from ..wire.errors import (
     UnknownRequest,
 )
 from ..wire.executor_spec import CONTROL_SENDER, Account, ExecutorSpec
+from ..wire.limits import EXECUTOR_FRAME_MAX, check_body, limit_frames
 from ..wire.messages import (
     Message,
     decode,
@@ -77,6 +78,9 @@ class ExecutorServer:
         self.guard = ReplayGuard(spec.replay_window, not_before=spec.issued_at or None)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.linger = 1000
+        # Checked per frame before any signature can be: an unauthenticated peer (any local
+        # user, over tcp) cannot make this process buffer more than one frame of this size.
+        limit_frames(self.socket, EXECUTOR_FRAME_MAX)
         # tcp: array data travels in the messages; large frames are received without a copy
         self.zero_copy = transport_of(spec.endpoint) == TCP
         if self.zero_copy and spec.listen_fd is not None:
@@ -283,6 +287,7 @@ class ExecutorServer:
         control = msg.sender == CONTROL_SENDER
         key = self.control_key if control else self.tenant_key
         try:
+            check_body(msg.body)
             method = getattr(self, handler_name("control" if control else "tenant", msg.type), None)
             if method is None:
                 raise UnknownRequest(f"unknown request type {msg.type!r}")
@@ -419,6 +424,7 @@ class ExecutorServer:
     # -- tenant requests -----------------------------------------------------------------
     def tenant_ping(self, msg: Message, route: bytes) -> dict[str, Any]:
         return {
+            "call_id": msg.body.get("call_id"),  # a waiting client's liveness probe is named
             "pid": os.getpid(),
             "slice": self.spec.slice.get("id"),
             "runtime": self.runtime.name,

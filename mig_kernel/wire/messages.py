@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from .errors import AuthenticationError, MalformedMessage, ReplayedMessage, UnknownRequest
+from .limits import finite_timestamp
 from .signing import SIGNATURE_BYTES, ReplayGuard
 
 PROTOCOL_VERSION = 2  # 2: small payloads inside the header (the data-plane latency work)
@@ -91,6 +92,14 @@ def encode(
 
 
 REFUSAL = b""
+# A refusal is unsigned and carries only its reason: this one says the sender's session is
+# not known (never opened, or dropped when idle: broker/client_expiry.py).
+UNKNOWN_SENDER = "unknown sender"
+
+
+def is_unknown_sender(exc: Exception) -> bool:
+    """Whether a refusal says the sender's session is unknown (the client may open another)."""
+    return isinstance(exc, AuthenticationError) and UNKNOWN_SENDER in str(exc)
 
 
 def refusal(reason: str) -> list[bytes]:
@@ -129,6 +138,8 @@ def peek_header(frames: Sequence[bytes]) -> dict[str, Any]:
     for name, kind in (("type", str), ("id", bytes), ("ts", (int, float)), ("body", dict)):
         if not isinstance(header.get(name), kind):
             raise MalformedMessage(f"header field {name!r} missing or of the wrong type")
+    if not finite_timestamp(header["ts"]):
+        raise MalformedMessage(f"header field 'ts' is {header['ts']!r}, not a finite time")
     return header
 
 
@@ -142,7 +153,7 @@ def decode(
     header = peek_header(frames)
     key = key_for(header)
     if key is None:
-        raise AuthenticationError(f"unknown sender {header.get('from')!r}")
+        raise AuthenticationError(f"{UNKNOWN_SENDER} {header.get('from')!r}")
     payload = list(frames[2:])
     if not hmac.compare_digest(_mac(key, frames[1], payload), frames[0]):
         raise AuthenticationError("bad signature: the message was not signed with this peer's key")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import time
 
@@ -41,8 +42,8 @@ class ReplayGuard:
     def check(self, message_id: bytes, timestamp: float, now: float | None = None) -> str | None:
         """None if the message is fresh (and remember it), else why it is refused."""
         now = time.time() if now is None else now
-        if not isinstance(timestamp, (int, float)):
-            return "timestamp is not a number"
+        if not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp):
+            return "timestamp is not a finite number"
         if timestamp < self.not_before - 1.0:
             return "message is older than this server process"
         if abs(now - timestamp) > self.window:

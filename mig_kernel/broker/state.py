@@ -85,6 +85,7 @@ class Lease:
     request_ticket: str = ""  # the acquire ticket it answered: a re-sent acquire finds it
     spill_deadline: float | None = None  # set while its executor spills it (idle or suspend)
     spill_reason: str = "idle"  # how the lease ends once the spill is done
+    holder_pid: int | None = None  # the process its heartbeats come from (ipc peer)
 
 
 @dataclass

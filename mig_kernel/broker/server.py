@@ -71,7 +71,7 @@ from .state import (
     slice_state,
 )
 from .storage_guard import open_state
-from .sweeper import RuntimeDirWatch
+from .sweeper import RuntimeDirWatch, sweep_sockets
 
 log = logging.getLogger("mig_kernel.broker")
 
@@ -465,6 +465,7 @@ class Broker(LoggingConfigurable):
             self._forget_executor(ex)
         if not self.store.close():
             self.log.error("the state of this stop could not be written: %s", self.store.reason)
+        sweep_sockets(self.runtime_path, ())  # killed adopted executors cannot remove theirs
         self._close_endpoints()
 
     def _close_endpoints(self) -> None:

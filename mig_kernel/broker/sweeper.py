@@ -34,7 +34,7 @@ from ..procs import proc_start_ticks
 log = logging.getLogger("mig_kernel.broker")
 SEGMENT_NAME = re.compile(r"^mig-kernel-(\d+)-p(\d+)t(\d+)-")
 EXECUTOR_SOCKET = re.compile(r"^E-[0-9a-f]+\.sock$")
-SEGMENT_MIN_AGE = 10.0  # seconds
+SEGMENT_MIN_AGE = 2.0  # seconds (a segment's creator is alive while it creates it)
 
 
 def segment_dirs() -> list[Path]:

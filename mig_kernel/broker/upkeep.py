@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pwd
 import time
 from pathlib import Path
@@ -115,9 +116,9 @@ def sweep(broker: Broker) -> None:
 
 def restore_runtime_dir(broker: Broker) -> None:
     """The runtime dir (or the broker's sockets in it) was removed: recreate it with its mode,
-    bind the broker's sockets again and rewrite the connection file. Executors started from
-    now on bind there; running ones keep their connections (a new client of such an
-    executor connects once its lease's next executor runs)."""
+    bind the broker's sockets again and rewrite the connection file. Free executors whose
+    socket file went with it are replaced (no new holder could connect to them); leased ones
+    keep their holders' connections."""
     mode = 0o755 if broker.multi_user else 0o700
     try:
         secure_dir(broker.runtime_path, mode)
@@ -130,6 +131,10 @@ def restore_runtime_dir(broker: Broker) -> None:
             sock.unbind(endpoint)
         bind_private(sock, endpoint, socket_mode)
     broker.places.write_connection(broker.connection_info)
+    for ex in list(broker.executors.values()):
+        path = ex.endpoint.removeprefix("ipc://")
+        if ex.key_lease is None and path != ex.endpoint and not os.path.exists(path):
+            broker.pool.stop(ex)  # unreachable for a new holder: a fresh one binds anew
     for record in broker.slices.values():
         if record.broken:  # executors that could not bind meanwhile: a new dir is a retry
             record.broken, record.failures = None, 0

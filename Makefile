@@ -7,7 +7,7 @@ LABEXT := mig_kernel/labextension/package.json
 LABEXT_SOURCES := $(wildcard labextension/src/*.ts labextension/style/*.css labextension/style/*.js) \
 	labextension/package.json labextension/tsconfig.json
 
-.PHONY: run test lint venv labextension bench browser
+.PHONY: run test soak lint venv labextension bench browser
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ test: lint $(LABEXT)
 	@command -v chromium >/dev/null || echo "make test: no chromium, so tests/test_browser.py \
 	is skipped; 'make browser' installs it (apt-get install chromium fonts-dejavu-core)" >&2
 	$(PY) -m pytest
+
+# The long reliability runs (tests marked soak: 100 clients x 100 invocations under injected
+# faults; docs/reliability.md quotes its figures). `make test` runs their short versions.
+soak: $(VENV)/.installed
+	$(PY) -m pytest -m soak -s $(ARGS)
 
 # Debian's Chromium and a font for the browser test's screenshots (Playwright never downloads a
 # browser here); as root, or through sudo.

@@ -75,8 +75,12 @@ class Entry:
 
 class ExecutorRegistry:
     def __init__(self, state_path: Path) -> None:
-        self.directory = private_dir(state_path / "executors")
+        self.directory = state_path / "executors"
         self.tag = broker_tag(state_path)
+        try:
+            private_dir(self.directory)
+        except OSError as exc:  # a full disk: the process table still names the executors
+            log.error("executor registry %s unavailable: %s", self.directory, exc)
 
     def _path(self, executor_id: str) -> Path:
         return self.directory / f"{executor_id}.json"
@@ -102,7 +106,9 @@ class ExecutorRegistry:
             self._path(executor_id).unlink()
 
     def entries(self) -> list[Entry]:
-        found = []
+        found: list[Entry] = []
+        if not self.directory.is_dir():
+            return found
         for path in self.directory.glob("E-*.json"):
             try:
                 found.append(Entry(**json.loads(path.read_text())))

@@ -653,6 +653,7 @@ class Broker(LoggingConfigurable):
     def _open_session(self, identity: Identity) -> dict[str, Any]:
         identity = replace(identity, admin=self.policy.is_admin(identity))
         self.policy.check_allowed(identity)
+        self.store.require(room=1)  # while degraded, sessions only up to the journal's bound
         client = Client(
             new_id("C"),
             identity.user,

@@ -43,6 +43,11 @@ test: lint $(LABEXT)
 	is skipped; 'make browser' installs it (apt-get install chromium fonts-dejavu-core)" >&2
 	$(PY) -m pytest
 
+# The long reliability runs (tests marked soak: 100 clients x 100 invocations under injected
+# faults; docs/reliability.md quotes its figures). `make test` runs their short versions.
+soak: $(VENV)/.installed
+	$(PY) -m pytest -m soak -s $(ARGS)
+
 # Debian's Chromium and a font for the browser test's screenshots (Playwright never downloads a
 # browser here); as root, or through sudo.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

@@ -45,6 +45,7 @@ from .wire.reach import check_reachable
 QueuedCallback = Callable[[int, int, str], None]
 ENV_HUB_TOKEN = "JUPYTERHUB_API_TOKEN"  # set by JupyterHub for a user's server and its kernels
 EXECUTOR_REPLACE_WAIT = 60.0  # seconds a call waits for the broker to replace a lost executor
+NO_WAIT_ANSWER = 10.0  # seconds an acquire(wait=False) without timeout waits for any answer
 ENV_SESSION_NAME = "JPY_SESSION_NAME"  # jupyter_server: the notebook path of a kernel it starts
 
 
@@ -202,6 +203,10 @@ class BrokerClient:
     ) -> dict[str, Any]:
         keepalive = float(self.session.get("queue_keepalive", 1.0))
         deadline = time.monotonic() + timeout if timeout is not None else None
+        # An acquire that may not wait is answered at once by a live broker: without an
+        # answer for NO_WAIT_ANSWER seconds (a restart fits in), the broker is gone.
+        no_wait = not body["wait"] and timeout is None
+        answer_by = time.monotonic() + NO_WAIT_ANSWER if no_wait else None
         channel = self.channel
         with channel.lock:
             sent: set[bytes] = set()
@@ -237,6 +242,11 @@ class BrokerClient:
                             )
                     if deadline is not None and time.monotonic() >= deadline:
                         raise AcquireTimeout(f"no slice granted within {timeout:g} s")
+                    if answer_by is not None and time.monotonic() >= answer_by:
+                        raise BrokerUnavailable(
+                            f"the broker did not answer within {NO_WAIT_ANSWER:g} s; check that "
+                            f"it runs (`mig-kernel status`)"
+                        )
             except BaseException:
                 self._cancel(body["ticket"])
                 raise
@@ -317,6 +327,12 @@ def _note_heartbeat(state: dict[str, Any], reply: dict[str, Any]) -> bool:
         return True
     state["ended"] = reply.get("reason") or reply.get("state")
     return False
+
+
+# Lease end reasons whose device data was saved for a restore: idle reclaim, suspend, an
+# executor that left without broker and holder (orphaned), or one a broker found running
+# unknown to its rebuilt database (state_lost). The next call leases again and restores.
+RESTORABLE = ("idle", "suspended", "orphaned", "state_lost")
 
 
 class Session:
@@ -472,7 +488,7 @@ class Session:
             # The broker may be reclaiming it right now: ask instead of racing the reclaim.
             with contextlib.suppress(MigKernelError):
                 _note_heartbeat(self._state, self.broker.heartbeat([self.id]).get(self.id, {}))
-        if self.ended in ("idle", "suspended") and self.reacquire:
+        if self.ended in RESTORABLE and self.reacquire:
             self._reacquire()
             return
         if self.ended:
@@ -636,7 +652,7 @@ class Session:
                 if not isinstance(exc, LeaseEnded):
                     return False  # the executor died but the lease lives: a real loss
                 time.sleep(0.05)
-        return self.ended in ("idle", "suspended")
+        return self.ended in RESTORABLE
 
     # Call-level remoting, as the original system remotes CUDA calls.
     def put(self, array: np.ndarray) -> RemoteArray:

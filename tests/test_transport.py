@@ -37,7 +37,7 @@ def tcp_session(make_broker):
 
 def arena_files(session: mig_kernel.Session) -> list[Path]:
     """Arena segment files of this session's lease, wherever the arena would put them."""
-    pattern = f"mig-kernel-{os.getuid()}-{session.id.removeprefix('L-')}-*"
+    pattern = f"mig-kernel-{os.getuid()}-p*-{session.id.removeprefix('L-')}-*"  # p: creator
     found: list[Path] = []
     for directory in (Path("/dev/shm"), Path(tempfile.gettempdir())):
         if directory.is_dir():

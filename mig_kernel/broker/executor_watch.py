@@ -20,13 +20,6 @@ from .pool import ExecutorPool
 from .state import Executor
 
 
-def poll_stats(pool: ExecutorPool, executors: Iterable[Executor]) -> None:
-    """Ask every ready executor for its stats (skipped where one request is unanswered)."""
-    for ex in executors:
-        if ex.phase == "ready" and ex.socket is not None:
-            pool.request_stats(ex)
-
-
 def unresponsive(
     pool: ExecutorPool, executors: Iterable[Executor], now: float, answer_timeout: float
 ) -> list[tuple[Executor, str]]:

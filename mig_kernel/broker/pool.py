@@ -28,6 +28,7 @@ from ..wire.messages import Message, decode, encode, refusal_reason
 from ..wire.paths import unlink_quietly
 from ..wire.signing import new_key
 from ..wire.transport import IPC, TCP, reserve_tcp_port
+from .registry import EXECUTOR_MODULE, TAG_OPTION
 from .state import Executor, new_id
 
 log = logging.getLogger("mig_kernel.broker")
@@ -46,6 +47,9 @@ class ExecutorPool:
         transport: str = IPC,
         multi_user: bool = False,
         env_keep: tuple[str, ...] = (),
+        tag: str = "",
+        orphan_grace: float = 0.0,
+        spill_root: str = "",
     ) -> None:
         self.context = context
         self.runtime_dir = runtime_dir
@@ -56,6 +60,12 @@ class ExecutorPool:
         self.transport = transport  # of the executors started from now on (adopted keep theirs)
         self.multi_user = multi_user  # executors become their holder before serving them
         self.env_keep = env_keep  # names (or NAME* prefixes) of broker variables executors get
+        self.tag = tag  # on executors' command lines: registry.py finds them by it
+        self.orphan_grace = orphan_grace  # seconds an executor waits without broker and holder
+        self.spill_root = spill_root  # where an orphaned executor saves its lease's data
+        # Who the executors' broker is: an executor without it (and without a live holder)
+        # for orphan_grace seconds exits (executor/orphan.py).
+        self.broker = {"broker_pid": os.getpid(), "broker_ticks": proc_start_ticks(os.getpid())}
         self.by_socket: dict[zmq.Socket, Executor] = {}
         self.pending: dict[bytes, tuple[str, Executor]] = {}  # msg id -> (request type, executor)
 
@@ -96,13 +106,16 @@ class ExecutorPool:
             issued_at=time.time(),
             listen_fd=listen_fd,
             multi_user=self.multi_user,
+            orphan_grace=self.orphan_grace,
+            spill_root=self.spill_root,
+            **self.broker,
         )
         env = self._environment()
         env.update(info.env)
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_dir / f"{info.id}.log", "ab") as logfile:
             ex.popen = subprocess.Popen(
-                [self.python, "-m", "mig_kernel.executor"],
+                [self.python, "-m", EXECUTOR_MODULE, *((TAG_OPTION, self.tag) if self.tag else ())],
                 stdin=subprocess.PIPE,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
@@ -166,7 +179,7 @@ class ExecutorPool:
         ex.phase = "starting"
         ex.deadline = time.time() + timeout
         self.by_socket[sock] = ex
-        self._send(ex, "ready", {})
+        self._send(ex, "ready", dict(self.broker))
 
     # -- requests ------------------------------------------------------------------------
     def _send(self, ex: Executor, msg_type: str, body: dict[str, Any]) -> bool:
@@ -196,12 +209,14 @@ class ExecutorPool:
         """Any other control request (become, spill, restore); its reply arrives as an event."""
         self._send(ex, msg_type, body)
 
-    def request_stats(self, ex: Executor) -> None:
+    def request_stats(self, ex: Executor, holder: dict[str, Any] | None = None) -> None:
         """Ask for activity and memory, unless an earlier stats request is still unanswered
-        (one outstanding per executor); the oldest unanswered one dates ``awaiting_since``."""
+        (one outstanding per executor); the oldest unanswered one dates ``awaiting_since``.
+        ``holder`` (``holder_pid``, ``holder_ticks``) tells the executor which process holds
+        its lease (executor/orphan.py)."""
         if ex.stats_outstanding:
             return
-        if self._send(ex, "stats", {}):
+        if self._send(ex, "stats", holder or {}):
             ex.stats_outstanding = True
             if ex.awaiting_since is None:
                 ex.awaiting_since = time.time()

@@ -44,7 +44,7 @@ from ..wire.paths import UnsafePath, private_dir, unlink_quietly
 from ..wire.peercred import PeerCredentials, peer_credentials
 from ..wire.signing import ReplayGuard, new_key
 from ..wire.transport import IPC, TRANSPORTS, transport_of
-from . import client_expiry, executor_watch
+from . import client_expiry, executor_watch, upkeep
 from . import policy as P
 from .gpu_lock import default_lock_dir
 from .identity import (
@@ -59,6 +59,7 @@ from .metrics import BrokerMetrics
 from .places import BrokerStartError, Places, check_privileges
 from .policy import LeasePolicy
 from .pool import ExecutorPool
+from .registry import ExecutorRegistry
 from .state import (
     FREE,
     Client,
@@ -70,7 +71,8 @@ from .state import (
     new_id,
     slice_state,
 )
-from .store import Store
+from .storage_guard import open_state
+from .sweeper import RuntimeDirWatch, sweep_sockets
 
 log = logging.getLogger("mig_kernel.broker")
 
@@ -218,6 +220,17 @@ class Broker(LoggingConfigurable):
         "127.0.0.1, array data in the signed messages themselves (what network API remoting "
         "costs; any local user can connect, every message is still signed and replay-guarded).",
     ).tag(config=True)
+    orphan_grace = Float(
+        300.0,
+        help="Seconds an executor lives on without this broker and without a live lease "
+        "holder (a broker killed and never restarted); it then saves a held lease's device "
+        "data to the spill dir and exits. 0: executors never leave by themselves.",
+    ).tag(config=True)
+    sweep_interval = Float(
+        30.0,
+        help="Seconds between sweeps of what dead processes leave behind: arena segments of "
+        "clients that are gone, socket files of executors that are gone (broker/sweeper.py).",
+    ).tag(config=True)
     identity_provider_class = Type(
         klass=IdentityProvider,
         help="Who callers are (see identity.py). Default: LocalUserIdentity, or "
@@ -268,7 +281,8 @@ class Broker(LoggingConfigurable):
             lock_dir=self.lock_dir,
         )
         self.places.prepare_state()
-        self.store = Store(self.state_path / "broker.sqlite")
+        self.store = open_state(self.state_path / "broker.sqlite")
+        self.registry = ExecutorRegistry(self.state_path)
         user = "multi-user" if self.multi_user else os.environ.get("USER", "")
         self.places.lock_gpus(self.inventory.gpus(), user)
         self.connection_key = self._secret("connection_key")
@@ -311,25 +325,29 @@ class Broker(LoggingConfigurable):
             transport=self.executor_transport,
             multi_user=self.multi_user,
             env_keep=tuple(self.executor_env),
+            tag=self.registry.tag,
+            orphan_grace=self.orphan_grace,
+            spill_root=str(self.places.spill_root),
         )
+        self.runtime_watch = RuntimeDirWatch(self.runtime_path, ("broker.sock", "watch.sock"))
         self._restore()
+        upkeep.sweep(self)
         self.store.commit()
         if self.metrics_port:
             self._metrics_server = start_http_server(
                 self.metrics_port, addr="127.0.0.1", registry=self.metrics.registry
             )
-        self.places.write_connection(
-            ConnectionInfo(
-                endpoint=self.endpoint,
-                watch_endpoint=self.watch_endpoint,
-                key="" if self.multi_user else self.connection_key.hex(),  # public: no secret
-                pid=os.getpid(),
-                state_dir=str(self.state_path),
-                user=self.identity.user,
-                version=__version__,
-                auth=AUTH_PEERCRED if self.multi_user else AUTH_KEY,
-            )
+        self.connection_info = ConnectionInfo(
+            endpoint=self.endpoint,
+            watch_endpoint=self.watch_endpoint,
+            key="" if self.multi_user else self.connection_key.hex(),  # public: no secret
+            pid=os.getpid(),
+            state_dir=str(self.state_path),
+            user=self.identity.user,
+            version=__version__,
+            auth=AUTH_PEERCRED if self.multi_user else AUTH_KEY,
         )
+        self.places.write_connection(self.connection_info)
         self.log.info(
             "broker serving %d slice(s) (%s backend, %s) at %s",
             len(self.slices),
@@ -385,12 +403,15 @@ class Broker(LoggingConfigurable):
             if ex is None:
                 self.store.delete_executor(row["id"])
                 lease = self.leases.get(record.lease_id or "") if record else None
+                if lease is not None and upkeep.left_orphaned(self, lease):
+                    continue  # its executor saved its data and left: the owner can restore it
                 if lease is not None:  # its executor died during the outage: a new one comes
                     lease.generation += 1
                     self.store.update_lease_generation(lease)
                 continue
             self._register_executor(ex, record)
             self.log.info("re-adopted executor %s (pid %d) on %s", ex.id, ex.pid, ex.slice_id)
+        upkeep.stop_strays(self)  # executors the database does not know: before any grant
         for record in self.slices.values():
             self._ensure_executor(record)
 
@@ -438,6 +459,9 @@ class Broker(LoggingConfigurable):
         if not hasattr(self, "store"):
             return
         self.stopping = True
+        if not self.store.flush():  # never stop executors because state cannot be written
+            upkeep.shutdown_degraded(self)
+            return
         for lease in list(self.leases.values()):
             self._end_lease(lease, "broker_stopped")
         for ticket in self.queue:
@@ -458,8 +482,13 @@ class Broker(LoggingConfigurable):
         for ex in executors:
             self.pool.kill(ex)
             self._forget_executor(ex)
-        self.store.commit()
-        self.store.close()
+        if not self.store.close():
+            self.log.error("the state of this stop could not be written: %s", self.store.reason)
+        sweep_sockets(self.runtime_path, ())  # killed adopted executors cannot remove theirs
+        self._close_endpoints()
+
+    def _close_endpoints(self) -> None:
+        """The end of every stop: sockets, their files, metrics server, connection file."""
         if self._metrics_server is not None:
             self._metrics_server[0].shutdown()
         self.router.close(linger=0)
@@ -520,7 +549,10 @@ class Broker(LoggingConfigurable):
                 client_expiry.expired(self.clients.values(), busy, now, self.client_expiry)
             )
         if self._due("stats", self.stats_interval, now):
-            executor_watch.poll_stats(self.pool, self.executors.values())
+            for ex in self.executors.values():
+                if ex.phase == "ready" and ex.socket is not None:
+                    holder = upkeep.holder_of(self, ex) if ex.key_lease is not None else None
+                    self.pool.request_stats(ex, holder)
             hung = executor_watch.unresponsive(
                 self.pool, self.executors.values(), now, self.executor_answer_timeout
             )
@@ -529,6 +561,10 @@ class Broker(LoggingConfigurable):
                 ex.gone_reason = why
                 ex.deadline = float("inf")
                 self.pool.kill(ex)  # _check_executors replaces it and tells its lease why
+        if self._due("runtime_dir", 1.0, now) and not self.runtime_watch.intact():
+            upkeep.restore_runtime_dir(self)
+        if self._due("sweep", self.sweep_interval, now):
+            upkeep.sweep(self)
 
     # ================================================================== requests
     def _key_for(self, header: dict[str, Any]) -> bytes | None:
@@ -659,6 +695,7 @@ class Broker(LoggingConfigurable):
     def _open_session(self, identity: Identity) -> dict[str, Any]:
         identity = replace(identity, admin=self.policy.is_admin(identity))
         self.policy.check_allowed(identity)
+        self.store.require(room=1)  # while degraded, sessions only up to the journal's bound
         busy = client_expiry.busy_ids(self.leases.values(), self.queue)
         self._drop_clients(
             client_expiry.over_limit(
@@ -724,6 +761,7 @@ class Broker(LoggingConfigurable):
             queued.route, queued.reply_to, queued.last_seen = req.route, req.msg.id, time.time()
             return self._queued_json(queued)
 
+        self.store.require()  # a new request while state cannot be written: refused, not queued
         who = client.identity
         self.policy.check_request(who, request, [r.info for r in self.slices.values()])
         now = time.time()
@@ -785,9 +823,17 @@ class Broker(LoggingConfigurable):
             last_active=now,
             request_ticket=ticket,
         )
+        self.store.require()
+        mark = self.store.mark()
         self.store.insert_lease(lease)
         ex.key_lease = lease.id
         self.store.save_executor(ex)
+        try:
+            self.store.commit_grant(mark)  # written before anyone is told (storage_guard.py)
+        except E.StorageUnavailable:
+            ex.key_lease = None
+            raise
+        upkeep.record_executor(self, ex, lease)
         record.lease_id = lease.id
         self.leases[lease.id] = lease
         self.metrics.granted.inc()
@@ -1066,6 +1112,8 @@ class Broker(LoggingConfigurable):
             lease = self.leases.get(lease_id)
             if lease is not None and lease.owner == req.client.user:
                 lease.last_heartbeat = now
+                if req.peer is not None:
+                    lease.holder_pid = req.peer.pid  # executor/orphan.py: whose it is
                 states[lease_id] = {
                     "state": "active",
                     "idle_seconds": now - lease.last_active,
@@ -1304,6 +1352,7 @@ class Broker(LoggingConfigurable):
         assert ex.socket is not None
         self.poller.register(ex.socket, zmq.POLLIN)
         self.store.save_executor(ex)
+        upkeep.record_executor(self, ex, self.leases.get(ex.key_lease or ""))
 
     def _forget_executor(self, ex: Executor) -> None:
         if ex.socket is not None:
@@ -1311,6 +1360,8 @@ class Broker(LoggingConfigurable):
         self.pool.forget(ex)
         self.executors.pop(ex.id, None)
         self.store.delete_executor(ex.id)
+        if not self.pool.alive(ex):
+            self.registry.forget(ex.id)
         record = self.slices.get(ex.slice_id)
         if record is not None and record.executor_id == ex.id:
             record.executor_id = None
@@ -1486,9 +1537,9 @@ class Broker(LoggingConfigurable):
 
     def _drain_queue(self) -> None:
         """Grant queued requests as the policy orders them (policy.queue_grants)."""
-        free = self._free_slices() if self.queue else []
+        free = self._free_slices() if self.queue and self.store.healthy else []
         if not free:
-            return
+            return  # (while state cannot be written, waiters wait: grants need a commit)
         held = Counter(lease.owner for lease in self.leases.values())
         unknown = Identity("")
 
@@ -1508,7 +1559,11 @@ class Broker(LoggingConfigurable):
             client = self.clients.get(ticket.client_id)
             if client is None:
                 continue
-            lease = self._grant(record, client, ticket.request, ticket.id)
+            try:
+                lease = self._grant(record, client, ticket.request, ticket.id)
+            except E.StorageUnavailable:
+                self.queue.insert(0, ticket)  # waits on: granted once state can be written
+                return
             self.metrics.grant_latency.observe(time.time() - ticket.enqueued)
             body = self._answer_grant(lease, ticket.route, ticket.reply_to, client, ticket.restore)
             if body is not DEFERRED:

@@ -87,6 +87,7 @@ class Lease:
     spill_deadline: float | None = None  # set while its executor spills it (idle or suspend)
     spill_reason: str = "idle"  # how the lease ends once the spill is done
     replaced: str | None = None  # why its last executor was replaced (told to the holder)
+    holder_pid: int | None = None  # the process its heartbeats come from (ipc peer)
 
 
 @dataclass

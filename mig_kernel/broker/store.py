@@ -172,19 +172,39 @@ class Store:
         ).fetchone()
         return (row[0], row[1], row[2]) if row else None
 
-    def set_spill(self, lease_id: str, path: str) -> None:
+    def set_spill(self, lease_id: str, path: str | None) -> None:
         self.db.execute("UPDATE leases SET spill = ? WHERE id = ?", (path, lease_id))
 
-    def take_spill(self, lease_id: str, owner: str) -> str | None:
-        """The spill directory of an ended lease of ``owner``, once (it is then forgotten)."""
+    def spill_of(self, lease_id: str, owner: str) -> str | None:
+        """The spill directory of an ended lease of ``owner`` (None: none, or not theirs)."""
         row = self.db.execute(
             "SELECT spill FROM leases WHERE id = ? AND owner = ? AND ended IS NOT NULL",
             (lease_id, owner),
         ).fetchone()
-        if not row or not row[0]:
-            return None
-        self.db.execute("UPDATE leases SET spill = NULL WHERE id = ?", (lease_id,))
-        return row[0]
+        return row[0] if row and row[0] else None
+
+    def take_spill(self, lease_id: str, owner: str) -> str | None:
+        """The spill directory of an ended lease of ``owner``, once (it is then forgotten)."""
+        path = self.spill_of(lease_id, owner)
+        if path is not None:
+            self.set_spill(lease_id, None)
+        return path
+
+    def insert_ended_lease(
+        self, lease_id: str, slice_id: str, owner: str, reason: str, spill: str | None
+    ) -> None:
+        """Record a lease this database had lost (it was rebuilt after corruption) as ended,
+        with the device data its executor saved, so its owner can still restore it."""
+        now = time.time()
+        self.db.execute(
+            "INSERT OR IGNORE INTO leases (id, slice_id, owner, client_id, key, created, "
+            "request, generation, ticket, ended, end_reason, spill) "
+            "VALUES (?,?,?,'',x'',?,'{}',0,'',?,?,?)",
+            (lease_id, slice_id, owner, now, now, reason, spill),
+        )
+        self.end_lease(lease_id, reason, now)
+        if spill is not None:
+            self.set_spill(lease_id, spill)
 
     def count_leases(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM leases").fetchone()[0]

@@ -58,6 +58,7 @@ from ..wire.transport import (
     transport_of,
 )
 from .dataplane import STREAMS, DataPlane, Job
+from .orphan import OrphanWatch
 from .privileges import PrivilegeError, become
 from .runtime import Runtime, warm_start
 
@@ -95,6 +96,8 @@ class ExecutorServer:
         # A multi-user broker's executor serves nobody until it has become its holder.
         self.holder: Account | None = None
         self.awaiting_holder = spec.multi_user
+        self.orphans = OrphanWatch(spec)  # exit once broker and holder are both long gone
+        self.lease_id: str | None = None  # the lease whose requests it served (their sender)
         self.streams = self._inproc(context, zmq.PULL, STREAMS)  # bound before it is connected
         self.wake_in = self._inproc(context, zmq.PULL, WAKE)
         self.wake_out = context.socket(zmq.PUSH)  # the main thread's own
@@ -132,8 +135,33 @@ class ExecutorServer:
             if job is None:
                 with self.sock_lock:
                     self._serve_turn(100, limit=1)  # one request: an invocation runs at once
+                if self.orphans.orphaned():
+                    self._leave_orphaned()
             else:
                 self._run(job)
+
+    def _leave_orphaned(self) -> None:
+        """Neither broker nor holder for the grace period: save the lease's device data where
+        the broker's spill of it would go, then exit (executor/orphan.py)."""
+        self.running = False
+        self.sealed = True
+        if not (self.touched and self.lease_id and self.spec.spill_root):
+            log.warning("no broker and no lease holder for %g s: exiting", self.orphans.grace)
+            return
+        root = Path(self.spec.spill_root)
+        path = root / self.holder.user / self.lease_id if self.holder else root / self.lease_id
+        try:
+            result = self.dataplane.spill(path)
+        except Exception:
+            log.exception("no broker and no lease holder: could not save %s's data", self.lease_id)
+            return
+        log.warning(
+            "no broker and no lease holder for %g s: saved %d object(s) of lease %s to %s; exiting",
+            self.orphans.grace,
+            result.get("spilled", 0),
+            self.lease_id,
+            path,
+        )
 
     def close(self) -> None:
         """Stop the watcher and close every socket (the context can then terminate)."""
@@ -286,6 +314,10 @@ class ExecutorServer:
             return
         control = msg.sender == CONTROL_SENDER
         key = self.control_key if control else self.tenant_key
+        if control:
+            self.orphans.note_control(msg.type, msg.body)
+        else:
+            self.orphans.note_tenant()
         try:
             check_body(msg.body)
             method = getattr(self, handler_name("control" if control else "tenant", msg.type), None)
@@ -303,6 +335,7 @@ class ExecutorServer:
                         reason="reclaimed",
                     )
                 self.touched = True
+                self.lease_id = msg.sender
                 self.served += 1
                 self.last_active = time.time()
             body = method(msg, route)

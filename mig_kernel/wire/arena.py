@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..procs import proc_start_ticks
+
 ALIGN = 256  # bytes; keeps every region suitably aligned for any dtype and for DMA
 DEFAULT_SEGMENT = 64 * 2**20
 
@@ -131,7 +133,12 @@ class Arena:
 
     def _new_segment(self, at_least: int) -> Segment:
         size = max(self.segment_size, (at_least + ALIGN - 1) // ALIGN * ALIGN)
-        name = f"mig-kernel-{os.getuid()}-{self.tag}-{len(self.segments)}-{os.urandom(4).hex()}"
+        # Named by its creator (pid and start time): the broker's sweeper removes the segments
+        # of a client that died without unlinking them (broker/sweeper.py).
+        pid = os.getpid()
+        creator = f"p{pid}t{proc_start_ticks(pid) or 0}"
+        serial = f"{len(self.segments)}-{os.urandom(4).hex()}"
+        name = f"mig-kernel-{os.getuid()}-{creator}-{self.tag}-{serial}"
         segment = Segment(str(_segment_dir() / name), size, create=True)
         self.segments[segment.name] = segment
         self.free_lists[segment.name] = _FreeList(size)

@@ -109,6 +109,13 @@ class ExecutorUnavailable(MigKernelError, ConnectionError):
     code = "executor_unavailable"
 
 
+class StorageUnavailable(MigKernelError):
+    """The broker cannot write its state (disk full, I/O error): it keeps serving existing
+    leases but grants no new one until its storage works again."""
+
+    code = "storage_unavailable"
+
+
 class InternalError(MigKernelError):
     """A bug on the serving side; the daemon keeps running and says so."""
 

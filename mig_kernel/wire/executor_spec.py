@@ -8,13 +8,15 @@ and sends ``ready`` right after spawning; ZeroMQ keeps that request queued until
 binds, so the reply arrives exactly when the executor is usable.
 
 Control requests (sender ``"broker"``, signed with ``control_key``):
-- ``ready`` -> ``{pid, runtime, warm_seconds, device}``
+- ``ready {broker_pid, broker_ticks}`` -> ``{pid, runtime, warm_seconds, device}``; the body
+  names the broker process (a restarted broker re-adopting the executor names itself).
 - ``rekey {key}`` -> ``{pristine: true}`` and the new tenant key replaces the old one, or
   ``{pristine: false}`` and the executor exits: it served a tenant request, so it is not reused.
 - ``become {user, uid, gid, groups, home}`` -> ``{uid, gid, user}`` (multi-user brokers only,
   before the grant is answered): the executor switches to the holder's account for good; until
   then it refuses tenant requests. See executor/privileges.py.
-- ``stats`` -> ``{last_active, served, memory_used}``
+- ``stats {holder_pid, holder_ticks}`` -> ``{last_active, served, memory_used}``; the body
+  names the lease holder's process, which keeps an executor without a broker alive.
 - ``shutdown`` -> ``{}`` and exit.
 Tenant requests (sender = the lease id, signed with ``tenant_key``): ``ping`` -> ``{pid, slice,
 runtime}``; the data-plane requests join this list.
@@ -42,6 +44,12 @@ class ExecutorSpec:
     issued_at: float = 0.0  # messages stamped earlier are refused (none can be meant for us)
     listen_fd: int | None = None  # tcp: the inherited listening socket of ``endpoint``
     multi_user: bool = False  # serve no tenant request before ``become``
+    # Without a live broker and a live lease holder for this long the executor exits, saving a
+    # held lease's data under ``spill_root`` first (0: never; executor/orphan.py).
+    orphan_grace: float = 0.0
+    spill_root: str = ""
+    broker_pid: int | None = None
+    broker_ticks: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -230,6 +230,32 @@ def round_trip_64mib(session: Any, gpu: bool, reps: int) -> dict[str, Any]:
     return row
 
 
+def breakdown(session: Any, fn: Any, ns: int, reps: int) -> dict[str, float]:
+    """Medians, in us, of where a lane call's time goes: the executor's stamps
+    (``MIG_KERNEL_TRACE=1``: read, staged, run, ran; CLOCK_MONOTONIC like this process's
+    ``perf_counter_ns``) between the client's own before ``submit`` and after ``result``."""
+    steps: dict[str, list[float]] = {
+        "client_send_and_wake": [],
+        "executor_read_and_stage": [],
+        "executor_queue": [],
+        "executor_run": [],
+        "executor_reply_and_client": [],
+    }
+    for _ in range(reps):
+        t0 = time.perf_counter_ns()
+        invocation = session.submit(fn, ns)
+        invocation.result()
+        t1 = time.perf_counter_ns()
+        trace = invocation.timings.get("trace")
+        if not trace or len(trace) != 4:
+            continue
+        read, staged, run, ran = trace
+        spans = ((t0, read), (read, staged), (staged, run), (run, ran), (ran, t1))
+        for name, (a, b) in zip(steps, spans, strict=True):
+            steps[name].append((b - a) / 1e3)
+    return {name: percentile(v, 50) if v else float("nan") for name, v in steps.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="nvml", choices=("nvml", "sim"))
@@ -238,6 +264,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     gpu = args.backend == "nvml"
+    os.environ["MIG_KERNEL_TRACE"] = "1"  # the executors stamp their steps (breakdown)
     result: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": {
@@ -272,6 +299,12 @@ def main() -> None:
         print(f"empty call p50 {result['empty_call']['p50_us']:.1f} us", flush=True)
         save()
         result["sweep"] = sweep(session, gpu, args.rounds, args.per_round)
+        save()
+        fn = remote_spin if gpu else remote_sim_spin
+        result["breakdown_us"] = {
+            f"{length}us": breakdown(session, fn, length * 1000, 300) for length in (0, 1000, 20000)
+        }
+        print("breakdown", result["breakdown_us"], flush=True)
         save()
         result["matmul_4096"] = matmul(session, gpu, 100)
         print("matmul", result["matmul_4096"], flush=True)

@@ -73,6 +73,10 @@ WAKE = "inproc://executor-wake"  # the main thread asks the watcher for the sock
 # usually follows within microseconds, and a thread (or a VM's vCPU) that went to sleep costs
 # tens of microseconds to wake. MIG_KERNEL_EXECUTOR_SPIN_US overrides it (0: never spin).
 SPIN = float(os.environ.get("MIG_KERNEL_EXECUTOR_SPIN_US", "1000")) / 1e6
+# MIG_KERNEL_TRACE=1: a lane call's result carries perf_counter_ns stamps of the executor's
+# steps (timings["trace"]: read, staged, run, ran), for benchmarks/overhead_sweep.py's
+# breakdown (the clock is CLOCK_MONOTONIC, the same in the client's process).
+TRACE = os.environ.get("MIG_KERNEL_TRACE") == "1"
 
 
 class ExecutorServer:
@@ -115,6 +119,7 @@ class ExecutorServer:
         self.stopped = False
         self.watcher = threading.Thread(target=self._watch, name="watcher", daemon=True)
         self.lanes = Lanes()  # the holder's direct streams (lanes.py; ipc executors only)
+        self._handlers: dict[tuple[bool, str], Any] = {}  # (control?, type) -> bound method
         self.spin_until = 0.0  # the main thread polls without sleeping until then
 
     @staticmethod
@@ -160,7 +165,12 @@ class ExecutorServer:
 
     def _run(self, job: Job) -> None:
         streamed = self.dataplane.streamed
+        trace = job.body.get("trace") if TRACE else None
+        if trace is not None:
+            trace.append(time.perf_counter_ns())
         kind, body, payload = self.dataplane.run(job)
+        if trace is not None and "timings" in body:
+            body["timings"]["trace"] = [*trace, time.perf_counter_ns()]
         lane = self.lanes.by_route.get(job.route) if isinstance(job.route, str) else None
         # Nothing of this call waits to go before its result: it leaves at once, whoever
         # holds the ZeroMQ socket (no hand-off from the watcher on the way out).
@@ -241,6 +251,7 @@ class ExecutorServer:
     def _serve_lane(self, lane: Lane, head: bytes | None = None) -> None:
         """One request from a lane (the caller holds ``sock_lock``); ``head``: its first
         bytes, already read by ``_spin_lanes``."""
+        read = time.perf_counter_ns() if TRACE else 0
         try:
             kind, body, payload = lane_wire.receive(lane.sock, head or b"")
         except lane_wire.LaneBroken:
@@ -248,7 +259,11 @@ class ExecutorServer:
             return
         # The kernel vouches for the sender: no signature, timestamp or replay check.
         msg = Message(type=kind, body=body, id=b"", ts=time.time(), payload=list(payload))
+        if TRACE and kind == "invoke":
+            body["trace"] = [read]
         self._dispatch(lane.route, msg)
+        if TRACE and kind == "invoke":
+            body["trace"].append(time.perf_counter_ns())
 
     def _accept_lane(self) -> None:
         lane = self.lanes.accept()
@@ -406,7 +421,12 @@ class ExecutorServer:
         control = msg.sender == CONTROL_SENDER
         key = self.control_key if control else self.tenant_key
         try:
-            method = getattr(self, handler_name("control" if control else "tenant", msg.type), None)
+            method = self._handlers.get((control, msg.type))
+            if method is None:
+                name = handler_name("control" if control else "tenant", msg.type)
+                method = getattr(self, name, None)
+                if method is not None:
+                    self._handlers[control, msg.type] = method
             if method is None:
                 raise UnknownRequest(f"unknown request type {msg.type!r}")
             if not control:

@@ -42,6 +42,7 @@ HEADER_BYTES = _LENGTH.size
 MAX_MESSAGE = 1 << 30  # a length beyond this is a broken stream, not a message
 SEND_TIMEOUT = 5.0  # seconds a blocked send waits for the peer to read before the lane breaks
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+_WAITALL = int(socket.MSG_WAITALL)
 
 
 class LaneBroken(OSError):
@@ -63,6 +64,16 @@ def send_packed(sock: socket.socket, message: bytes) -> None:
 
 
 def _exactly(sock: socket.socket, nbytes: int, first: bytes = b"") -> bytes:
+    if not first:  # the usual case: one call (the sender wrote the message whole)
+        try:
+            data = sock.recv(nbytes, _WAITALL)
+        except OSError as exc:
+            raise LaneBroken(f"lane receive failed: {exc}") from None
+        if len(data) == nbytes:
+            return data
+        if not data:
+            raise LaneBroken("the lane was closed by its peer")
+        first = data
     buffer = bytearray(first)
     while len(buffer) < nbytes:
         try:

@@ -72,8 +72,12 @@ def spin_kernel(xp: Any) -> Any:
 
 
 def remote_spin(ns: int) -> None:
-    """Runs on the slice (``xp`` is the slice's CuPy); the executor synchronizes after it."""
-    spin_kernel(xp)((1,), (1,), (np.int64(ns),))  # noqa: F821
+    """Runs on the slice (``xp`` is the slice's CuPy); the executor synchronizes after it.
+    It refers to no mutable global and no module (a kernel cache would be one; ``np`` is
+    the other: this module is pickled by value, and a by-value function that captures a
+    module is pickled anew each call), so the client reuses its pickle; CuPy memoizes the
+    compiled module by its source, and passes a Python int as a 64-bit integer."""
+    xp.RawKernel(SPIN_SOURCE, "spin")((1,), (1,), (ns,))  # noqa: F821
 
 
 def remote_sim_spin(ns: int) -> None:

@@ -323,6 +323,15 @@ class Route:
 
 
 _EPOCHS = itertools.count(1)
+_CALLS = itertools.count(1)
+_CALL_PREFIX = os.urandom(4).hex()  # this process's; a counter after it (no syscall per call)
+
+
+def _call_id() -> str:
+    """A call id unique in this process (the executor keys its jobs and cancels by it)."""
+    return f"{_CALL_PREFIX}{next(_CALLS):x}"
+
+
 _FUNCTIONS = payload.FunctionPickles()  # functions called again are not pickled again
 
 
@@ -542,7 +551,7 @@ class ExecutorConnection:
     ) -> Invocation:
         """Send ``fn`` (None for call-level operations) and its arguments as one request."""
         out = Outgoing()
-        call_id = os.urandom(8).hex()
+        call_id = _call_id()
         try:
             fn_data = _FUNCTIONS.dumps(fn) if fn is not None else b""
             if msg_type == "invoke" and not args[0] and not args[1]:  # (args, kwargs)
@@ -625,7 +634,7 @@ class ExecutorConnection:
         self, msg_type: str, body: dict[str, Any], timeout: float = 60.0
     ) -> tuple[dict[str, Any], list[Any]]:
         """``_call``, also returning the reply's payload frames."""
-        call_id = os.urandom(8).hex()
+        call_id = _call_id()
         deadline = time.monotonic() + timeout
         with self.lock:
             self._send(msg_type, {"call_id": call_id, **body})

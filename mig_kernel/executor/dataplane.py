@@ -250,7 +250,10 @@ class DataPlane:
             if job.fn_data:
                 job.fn = self._function(job.fn_data)
             job.stage_wall = time.perf_counter()
-            job.staged = payload.loads(job.data, lambda pid, job=job: self._stage_in(job, pid))
+            if job.data == payload.EMPTY_ARGS:  # a call without arguments: nothing to load
+                job.staged = ((), {})
+            else:
+                job.staged = payload.loads(job.data, lambda pid, job=job: self._stage_in(job, pid))
             if job.copy_start is not None:  # it copied inputs: its compute waits for them
                 job.ready_event = self.last_copy = self.runtime.record_copy()
             else:  # none: it still waits for the last copies issued (a put's, say), which

@@ -50,7 +50,8 @@ class LaneBroken(OSError):
 
 
 def pack(kind: str, body: dict[str, Any], payload: Any = ()) -> bytes:
-    data = pickle.dumps((kind, body, tuple(payload)), protocol=_PROTOCOL)
+    frames = tuple(bytes(f) if isinstance(f, memoryview) else f for f in payload)
+    data = pickle.dumps((kind, body, frames), protocol=_PROTOCOL)
     return _LENGTH.pack(len(data)) + data
 
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 import builtins
 import contextlib
 import itertools
+import logging
 import os
+import socket as _socket
 import sys
 import threading
 import time
@@ -43,6 +45,7 @@ from . import arrayops
 from .datapath import ArenaPath, DataPath, Outgoing, SocketPath
 from .liveness import SilenceWatch
 from .procs import pid_alive
+from .wire import lane as lane_wire
 from .wire import payload
 from .wire.arena import Arena
 from .wire.errors import (
@@ -55,6 +58,18 @@ from .wire.messages import INLINE_BYTES, Message, decode, encode, refusal_reason
 from .wire.transport import TCP, connect, received, send_frames, transport_of
 
 POLL_SLICE = 0.25  # seconds between executor liveness checks while waiting
+# How long a wait for a result polls its lane without sleeping before it blocks: a thread (or
+# a VM's vCPU) that sleeps costs tens of microseconds to wake, which is the whole budget of a
+# short call. In-process CUDA does the same while it synchronizes (it spins unless there are
+# more CUDA contexts than CPUs). On a node of few CPUs the window is short, so a client never
+# keeps a core from the executor for long. MIG_KERNEL_SPIN_US overrides it (0: never spin).
+SPIN = (
+    float(os.environ.get("MIG_KERNEL_SPIN_US", "25000" if (os.cpu_count() or 1) >= 8 else "0"))
+    / 1e6
+)
+_PROBE = int(_socket.MSG_DONTWAIT)
+
+log = logging.getLogger("mig_kernel.client")
 CANCEL_GRACE = 3.0  # seconds an interrupted wait gives the executor to stop the call
 
 
@@ -323,6 +338,15 @@ class Route:
 
 
 _EPOCHS = itertools.count(1)
+_CALLS = itertools.count(1)
+_CALL_PREFIX = os.urandom(4).hex()  # this process's; a counter after it (no syscall per call)
+
+
+def _call_id() -> str:
+    """A call id unique in this process (the executor keys its jobs and cancels by it)."""
+    return f"{_CALL_PREFIX}{next(_CALLS):x}"
+
+
 _FUNCTIONS = payload.FunctionPickles()  # functions called again are not pickled again
 
 
@@ -413,17 +437,96 @@ class ExecutorConnection:
         self.lost: str | None = None
         self.closed = False
         self.silence = SilenceWatch()
+        # The lane (wire/lane.py) opens with the first request; off on tcp and when
+        # MIG_KERNEL_LANE=0 (the benchmarks' signed-ZeroMQ baseline).
+        self.lane: _socket.socket | None = None
+        self.lane_tried = self.transport == TCP or os.environ.get("MIG_KERNEL_LANE") == "0"
+        self.spin_until = 0.0
 
     def close(self) -> None:
         with self.lock:
             if not self.closed:
                 self.closed = True
+                self._close_lane()
                 self.socket.close(linger=0)
+
+    def lane_active(self) -> bool:
+        """Whether requests go by the lane (for benchmarks and tests)."""
+        return self.lane is not None
+
+    # ---------------------------------------------------------------- the lane
+    def _open_lane(self) -> None:
+        """Ask the executor for a lane and connect it; on any failure (an executor without
+        lanes, another network namespace, a uid it refuses) requests keep going by ZeroMQ."""
+        self.lane_tried = True
+        try:
+            reply = self._call("lane", {}, timeout=10.0)
+            sock = lane_wire.connect(reply["address"], reply["token"])
+        except ExecutorLost:
+            raise
+        except Exception as exc:
+            log.debug("no lane to %s (%s); requests go by ZeroMQ", self.endpoint, exc)
+            return
+        self.lane = sock
+        self.poller.register(sock, zmq.POLLIN)
+
+    def _close_lane(self) -> None:
+        sock, self.lane = self.lane, None
+        if sock is not None:
+            with contextlib.suppress(KeyError):
+                self.poller.unregister(sock)
+            sock.close()
+
+    def _receive_lane(self, head: bytes = b"") -> None:
+        """One message from the lane; a lane that broke is closed (what follows comes by
+        ZeroMQ: the executor sends there what its lane could not carry)."""
+        assert self.lane is not None
+        try:
+            kind, body, frames = lane_wire.receive(self.lane, head)
+        except lane_wire.LaneBroken as exc:
+            log.debug("the lane to %s broke (%s)", self.endpoint, exc)
+            self._close_lane()
+            return
+        self._handle_message(Message(kind, body, b"", 0.0, payload=list(frames)))
+
+    def _spin(self) -> bool:
+        """Poll the lane without sleeping until something comes (True) or the spin window
+        ends (False). The ZeroMQ socket is looked at too, now and then."""
+        lane, clock, until = self.lane, time.monotonic, self.spin_until
+        assert lane is not None
+        events = self.socket.getsockopt
+        i = 0
+        while True:
+            try:
+                head = lane.recv(lane_wire.HEADER_BYTES, _PROBE)
+            except BlockingIOError:
+                head = None
+            except OSError:
+                head = b""  # broken: receive() says so
+            if head is not None:
+                self._receive_lane(head)
+                return True
+            i += 1
+            if i % 32 == 0:
+                if events(zmq.EVENTS) & zmq.POLLIN:
+                    return False
+                if clock() >= until:
+                    return False
+                os.sched_yield()
 
     # ---------------------------------------------------------------- sending
     def _send(self, msg_type: str, body: dict[str, Any], *frames_out: Any) -> None:
         if self.lost:
             raise ExecutorLost(self.lost)
+        if not self.lane_tried:
+            self._open_lane()
+        if self.lane is not None:
+            try:
+                lane_wire.send_packed(self.lane, lane_wire.pack(msg_type, body, frames_out))
+                return
+            except lane_wire.LaneBroken as exc:
+                log.debug("the lane to %s broke (%s)", self.endpoint, exc)
+                self._close_lane()
         frames = encode(msg_type, body, self.key, sender=self.lease_id, payload=frames_out)
         send_frames(self.socket, frames)  # copies: the caller may change its arrays now
 
@@ -465,7 +568,7 @@ class ExecutorConnection:
     ) -> Invocation:
         """Send ``fn`` (None for call-level operations) and its arguments as one request."""
         out = Outgoing()
-        call_id = os.urandom(8).hex()
+        call_id = _call_id()
         try:
             fn_data = _FUNCTIONS.dumps(fn) if fn is not None else b""
             if msg_type == "invoke" and not args[0] and not args[1]:  # (args, kwargs)
@@ -501,6 +604,7 @@ class ExecutorConnection:
         """Receive until ``invocation`` is done. An interrupt (Ctrl-C, a kernel interrupt)
         cancels the call on the executor before it propagates."""
         deadline = time.monotonic() + timeout if timeout is not None else None
+        self.spin_until = time.monotonic() + SPIN if SPIN > 0 else 0.0
         try:
             while not invocation.done():
                 with self.lock:
@@ -562,7 +666,7 @@ class ExecutorConnection:
         self, msg_type: str, body: dict[str, Any], timeout: float = 60.0
     ) -> tuple[dict[str, Any], list[Any]]:
         """``_call``, also returning the reply's payload frames."""
-        call_id = os.urandom(8).hex()
+        call_id = _call_id()
         deadline = time.monotonic() + timeout
         with self.lock:
             self._send(msg_type, {"call_id": call_id, **body})
@@ -577,9 +681,17 @@ class ExecutorConnection:
 
     def _receive_some(self, wait: float) -> None:
         """One message (callers loop until what they wait for is done: a poll that finds the
-        next message at once costs less than asking the socket whether there is one)."""
-        if not self.poller.poll(int(wait * 1000)):
+        next message at once costs less than asking the socket whether there is one). What
+        the lane holds goes first: the executor sends by ZeroMQ only what came after it."""
+        if self.lane is not None and self.spin_until and self._spin():
+            return
+        self.spin_until = 0.0  # spun out: block from now on, until the next wait
+        events = self.poller.poll(int(wait * 1000))
+        if not events:
             self._check_alive()
+            return
+        if self.lane is not None and any(fd == self.lane.fileno() for fd, _ in events):
+            self._receive_lane()
             return
         try:
             if self.transport == TCP:  # fetched arrays stay in their messages (no copy)
@@ -610,7 +722,9 @@ class ExecutorConnection:
         reason = refusal_reason(frames)
         if reason is not None:
             raise AuthenticationError(f"the executor refused the request: {reason}")
-        msg = decode(frames, lambda _h: self.key, None)
+        self._handle_message(decode(frames, lambda _h: self.key, None))
+
+    def _handle_message(self, msg: Message) -> None:
         body = msg.body
         call_id = body.get("call_id", "")
         if self.silence.heard(call_id):

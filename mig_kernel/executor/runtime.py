@@ -266,7 +266,7 @@ class Runtime:
 
     def elapsed_ms(self, start: Any, end: Any, wall_seconds: float) -> float:
         """Time the stage-in copies took: GPU events when there are any, else wall time."""
-        if self.name == "cupy" and start is not None and end is not None:
+        if self.name == "cupy" and start is not None and end is not None:  # it copied
             end.synchronize()
             return float(self.xp.cuda.get_elapsed_time(start, end))
         return wall_seconds * 1e3

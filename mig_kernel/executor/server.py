@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 import zmq
 
+from ..wire import lane as lane_wire
 from ..wire.connection import bind_private
 from ..wire.errors import (
     AuthenticationError,
@@ -58,6 +60,7 @@ from ..wire.transport import (
     transport_of,
 )
 from .dataplane import STREAMS, DataPlane, Job
+from .lanes import Lane, Lanes
 from .orphan import OrphanWatch
 from .privileges import PrivilegeError, become
 from .runtime import Runtime, warm_start
@@ -66,7 +69,16 @@ log = logging.getLogger("mig_kernel.executor")
 
 TAKEOVER = 0.002  # seconds a call runs before the watcher serves the socket in its place
 WATCH_IDLE = 1.0  # seconds without calls after which the watcher sleeps until the next one
+_PROBE = int(socket.MSG_DONTWAIT)
 WAKE = "inproc://executor-wake"  # the main thread asks the watcher for the socket back
+# After a call the main thread polls without sleeping for this long: the holder's next request
+# usually follows within microseconds, and a thread (or a VM's vCPU) that went to sleep costs
+# tens of microseconds to wake. MIG_KERNEL_EXECUTOR_SPIN_US overrides it (0: never spin).
+SPIN = float(os.environ.get("MIG_KERNEL_EXECUTOR_SPIN_US", "1000")) / 1e6
+# MIG_KERNEL_TRACE=1: a lane call's result carries perf_counter_ns stamps of the executor's
+# steps (timings["trace"]: read, staged, run, ran), for benchmarks/overhead_sweep.py's
+# breakdown (the clock is CLOCK_MONOTONIC, the same in the client's process).
+TRACE = os.environ.get("MIG_KERNEL_TRACE") == "1"
 
 
 class ExecutorServer:
@@ -113,6 +125,9 @@ class ExecutorServer:
         self.watcher_idle = False
         self.stopped = False
         self.watcher = threading.Thread(target=self._watch, name="watcher", daemon=True)
+        self.lanes = Lanes()  # the holder's direct streams (lanes.py; ipc executors only)
+        self._handlers: dict[tuple[bool, str], Any] = {}  # (control?, type) -> bound method
+        self.spin_until = 0.0  # the main thread polls without sleeping until then
 
     @staticmethod
     def _inproc(context: zmq.Context, kind: int, endpoint: str) -> zmq.Socket:
@@ -133,12 +148,17 @@ class ExecutorServer:
         while self.running:
             job = self.dataplane.next_ready()
             if job is None:
+                spinning = time.monotonic() < self.spin_until
+                if spinning and self._spin_lanes():
+                    continue
                 with self.sock_lock:
-                    self._serve_turn(100, limit=1)  # one request: an invocation runs at once
+                    # one request: an invocation runs at once
+                    self._serve_turn(0 if spinning else 100, limit=1)
                 if self.orphans.orphaned():
                     self._leave_orphaned()
             else:
                 self._run(job)
+                self.spin_until = time.monotonic() + SPIN
 
     def _leave_orphaned(self) -> None:
         """Neither broker nor holder for the grace period: save the lease's device data where
@@ -172,21 +192,120 @@ class ExecutorServer:
         self.dataplane.close()
         for sock in (self.streams, self.wake_in, self.wake_out):
             sock.close(linger=0)
+        self.lanes.close()
         self.socket.close(linger=1000)  # the last replies (a rekey's answer) still go out
 
     def _run(self, job: Job) -> None:
         streamed = self.dataplane.streamed
+        trace = job.body.get("trace") if TRACE else None
+        if trace is not None:
+            trace.append(time.perf_counter_ns())
         kind, body, payload = self.dataplane.run(job)
-        frames = self._sign_tenant(kind, body, payload)
+        if trace is not None and "timings" in body:
+            body["timings"]["trace"] = [*trace, time.perf_counter_ns()]
+        lane = self.lanes.by_route.get(job.route) if isinstance(job.route, str) else None
+        # Nothing of this call waits to go before its result: it leaves at once, whoever
+        # holds the ZeroMQ socket (no hand-off from the watcher on the way out).
+        if (
+            lane is not None
+            and self.dataplane.streamed == streamed
+            and lane.send(lane_wire.pack(kind, body, payload))
+        ):
+            if not self.sock_lock.acquire(blocking=False):
+                self.wake_out.send(b"")  # the watcher gives the socket back meanwhile
+            else:
+                self.sock_lock.release()
+            return
+        frames = self._encode_for(job.route, kind, body, payload)
         if not self.sock_lock.acquire(blocking=False):  # the watcher serves it: ask it back
             self.wake_out.send(b"")
             self.sock_lock.acquire()
         try:
             if self.dataplane.streamed != streamed:
                 self._forward_streams()  # what the call printed goes before its result
-            self._send_frames([job.route, *frames])
+            self._deliver(job.route, frames)
         finally:
             self.sock_lock.release()
+
+    # -- lanes ------------------------------------------------------------------------------
+    def _encode_for(self, route: Any, kind: str, body: dict[str, Any], payload: Any = ()) -> Any:
+        """A message to the lease holder, ready for ``_deliver``: packed for a lane, signed
+        frames for a ZeroMQ route."""
+        if isinstance(route, str):
+            return lane_wire.pack(kind, body, payload)
+        return self._sign_tenant(kind, body, payload)
+
+    def _deliver(self, route: Any, encoded: Any) -> None:
+        """Send what ``_encode_for`` made (the caller holds ``sock_lock``). A lane that broke,
+        or is gone, hands the message to the ZeroMQ route that opened it."""
+        if not isinstance(route, str):
+            self._send_frames([route, *encoded])
+            return
+        lane = self.lanes.by_route.get(route)
+        if lane is not None and lane.send(encoded):
+            return
+        zmq_route = lane.zmq_route if lane is not None else None
+        if zmq_route is None:
+            log.warning("a reply for %s, which is gone, was dropped", route)
+            return
+        kind, body, payload = _unpack(encoded)
+        self._send_frames([zmq_route, *self._sign_tenant(kind, body, payload)])
+
+    def _spin_lanes(self) -> bool:
+        """Until ``spin_until``, look at the lanes without sleeping; True when a request came
+        by one and was served. False, to poll everything, when the spin ends or the ZeroMQ
+        socket has a message, and at once if the watcher still holds the socket (it gives it
+        back after a long call: then the main thread waits for it)."""
+        if not self.sock_lock.acquire(blocking=False):
+            return False
+        try:
+            lanes, probe, clock = self.lanes.by_route, _PROBE, time.monotonic
+            events = self.socket.getsockopt
+            i = 0
+            while True:
+                for lane in lanes.values():
+                    try:
+                        head = lane.sock.recv(lane_wire.HEADER_BYTES, probe)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        head = b""  # broken: receive() says so
+                    self._serve_lane(lane, head)
+                    return True
+                i += 1
+                if i % 64 == 0 and (
+                    not lanes or clock() >= self.spin_until or events(zmq.EVENTS) & zmq.POLLIN
+                ):
+                    return False
+        finally:
+            self.sock_lock.release()
+
+    def _serve_lane(self, lane: Lane, head: bytes | None = None) -> None:
+        """One request from a lane (the caller holds ``sock_lock``); ``head``: its first
+        bytes, already read by ``_spin_lanes``."""
+        read = time.perf_counter_ns() if TRACE else 0
+        try:
+            kind, body, payload = lane_wire.receive(lane.sock, head or b"")
+        except lane_wire.LaneBroken:
+            self._drop_lane(lane)
+            return
+        # The kernel vouches for the sender: no signature, timestamp or replay check.
+        msg = Message(type=kind, body=body, id=b"", ts=time.time(), payload=list(payload))
+        if TRACE and kind == "invoke":
+            body["trace"] = [read]
+        self._dispatch(lane.route, msg)
+        if TRACE and kind == "invoke":
+            body["trace"].append(time.perf_counter_ns())
+
+    def _accept_lane(self) -> None:
+        lane = self.lanes.accept()
+        if lane is not None:
+            self.poller.register(lane, zmq.POLLIN)
+
+    def _drop_lane(self, lane: Lane) -> None:
+        with contextlib.suppress(KeyError):
+            self.poller.unregister(lane)
+        self.lanes.drop(lane)
 
     def _serve_turn(self, timeout_ms: int, limit: int) -> None:
         """One poll of the sockets and what came (the caller holds ``sock_lock``)."""
@@ -195,6 +314,13 @@ class ExecutorServer:
             _drain(self.wake_in)
         if self.streams in events:
             self._forward_streams()
+        if self.lanes.listener is not None:  # plain sockets come back as their fds
+            listener = self.lanes.listener.fileno()
+            for ready in events:
+                if ready == listener:
+                    self._accept_lane()
+                elif isinstance(ready, int) and ready in self.lanes.by_fd:
+                    self._serve_lane(self.lanes.by_fd[ready])
         if self.socket in events:
             for i in range(limit):
                 self._handle(*self._receive())
@@ -206,7 +332,7 @@ class ExecutorServer:
         """What running calls printed or displayed ("stream", "display"), in order."""
         while self.streams.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             route, kind, body = self.streams.recv_pyobj()
-            self._send(route, kind, body, self.tenant_key, None)
+            self._deliver(route, self._encode_for(route, kind, body))
 
     # -- the watcher thread --------------------------------------------------------------
     def _call_started(self) -> None:
@@ -278,9 +404,9 @@ class ExecutorServer:
         """A message to the lease holder, signed with the current tenant key (any thread)."""
         return encode(kind, body, self.tenant_key, sender="executor", payload=payload)
 
-    def _send_tenant(self, route: bytes, kind: str, body: dict[str, Any], payload: Any) -> None:
+    def _send_tenant(self, route: Any, kind: str, body: dict[str, Any], payload: Any) -> None:
         """The data plane's replies from the thread holding the socket."""
-        self._send_frames([route, *self._sign_tenant(kind, body, payload)])
+        self._deliver(route, self._encode_for(route, kind, body, payload))
 
     def _check_deadline(self) -> None:
         """A call past its timeout cannot be stopped inside Python: the caller is told, and the
@@ -296,14 +422,22 @@ class ExecutorServer:
             "replaced, and this lease's device arrays are lost",
             "traceback": "",
         }
-        # Tracked (zero-copy: small copied frames are never tracked), and waited for: os._exit
-        # would otherwise drop a message still queued.
-        self.socket.copy_threshold = 0
-        tracker = self.socket.send_multipart(
-            [job.route, *self._sign_tenant("error", body)], copy=False, track=True
-        )
-        with contextlib.suppress(zmq.NotDone):
-            tracker.wait(1.0)
+        route = job.route
+        if isinstance(route, str):  # a lane: its send is done when it returns
+            lane = self.lanes.by_route.get(route)
+            if lane is not None and lane.send(lane_wire.pack("error", body)):
+                route = None
+            else:
+                route = lane.zmq_route if lane is not None else None
+        if route is not None:
+            # Tracked (zero-copy: small copied frames are never tracked), and waited for:
+            # os._exit would otherwise drop a message still queued.
+            self.socket.copy_threshold = 0
+            tracker = self.socket.send_multipart(
+                [route, *self._sign_tenant("error", body)], copy=False, track=True
+            )
+            with contextlib.suppress(zmq.NotDone):
+                tracker.wait(1.0)
         log.error("call %s timed out; exiting so the broker replaces this executor", job.call_id)
         self.socket.close(linger=1000)
         os._exit(70)
@@ -312,6 +446,10 @@ class ExecutorServer:
         msg = self._open(route, frames)
         if msg is None:
             return
+        self._dispatch(route, msg)
+
+    def _dispatch(self, route: Any, msg: Message) -> None:
+        """Run a verified request's handler and answer it (``route``: ZeroMQ or a lane)."""
         control = msg.sender == CONTROL_SENDER
         key = self.control_key if control else self.tenant_key
         if control:
@@ -320,7 +458,12 @@ class ExecutorServer:
             self.orphans.note_tenant()
         try:
             check_body(msg.body)
-            method = getattr(self, handler_name("control" if control else "tenant", msg.type), None)
+            method = self._handlers.get((control, msg.type))
+            if method is None:
+                name = handler_name("control" if control else "tenant", msg.type)
+                method = getattr(self, name, None)
+                if method is not None:
+                    self._handlers[control, msg.type] = method
             if method is None:
                 raise UnknownRequest(f"unknown request type {msg.type!r}")
             if not control:
@@ -372,7 +515,10 @@ class ExecutorServer:
             body["call_id"] = msg.body["call_id"]
         return body
 
-    def _send(self, route: bytes, kind: str, body: dict, key: bytes, re: bytes | None) -> None:
+    def _send(self, route: Any, kind: str, body: dict, key: bytes, re: bytes | None) -> None:
+        if isinstance(route, str):  # a lane (only tenant requests come by one)
+            self._deliver(route, lane_wire.pack(kind, body))
+            return
         send_frames(self.socket, [route, *encode(kind, body, key, sender="executor", re=re)])
 
     # -- control requests ----------------------------------------------------------------
@@ -467,6 +613,20 @@ class ExecutorServer:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
+    def tenant_lane(self, msg: Message, route: Any) -> dict[str, Any]:
+        """Offer a lane (wire/lane.py): an abstract socket's name and a one-time token."""
+        if isinstance(route, str):
+            raise BadRequest("a lane is opened over the executor's ZeroMQ socket")
+        if self.zero_copy:
+            raise BadRequest("no lane on a tcp executor: its clients may be on other hosts")
+        address, token = self.lanes.offer(route)
+        if self.lanes.listener is not None and self.lanes.listener not in self._polled():
+            self.poller.register(self.lanes.listener, zmq.POLLIN)
+        return {"call_id": msg.body.get("call_id"), "address": address, "token": token}
+
+    def _polled(self) -> list[Any]:
+        return [sock for sock, _ in self.poller.sockets]
+
     # -- data plane: staged here, run by the main thread, answered from there ---------------
     def _job(self, kind: str, msg: Message, route: bytes, needs_payload: bool) -> Job:
         call_id = msg.body.get("call_id")
@@ -534,6 +694,14 @@ class ExecutorServer:
             raise BadRequest("free needs ids: [int, ...]")
         self.dataplane.free(ids)
         return {"freed": len(ids)}
+
+
+def _unpack(packed: bytes) -> tuple[str, dict[str, Any], tuple[Any, ...]]:
+    """A packed lane message taken apart again (to send it by ZeroMQ instead)."""
+    import pickle
+
+    kind, body, payload = pickle.loads(packed[lane_wire.HEADER_BYTES :])
+    return kind, body, payload
 
 
 def _drain(sock: zmq.Socket) -> None:

@@ -1,0 +1,135 @@
+"""The local lane: a lease holder's direct stream to its executor, beside the ZeroMQ socket.
+
+Why: an empty call over the signed ZeroMQ path costs two ZeroMQ hops (each through libzmq's
+I/O thread in both processes, so four thread wake-ups per round trip), msgpack and an
+HMAC-SHA256 each way, and the replay guard. A connected Unix stream socket between the two
+processes has none of that: the kernel says who is at the other end (``SO_PEERCRED``) and
+nobody else can write into it, so its messages need no signature, no timestamp and no replay
+check.
+
+How a lane is opened (client in remote.py, executor in executor/lanes.py):
+
+1. the client sends a signed ``lane`` request over the ZeroMQ socket (ipc executors only: the
+   socket file is 0600 in a private directory, so only the holder reaches it). The reply names
+   an abstract Unix socket the executor listens on and carries a fresh one-time token of 32
+   random bytes;
+2. the client connects and sends the token; the executor accepts the connection only if the
+   token is one it offered in the last ``OFFER_SECONDS`` (each is used once) and the peer's
+   uid (``SO_PEERCRED``) is its own (the holder's, after a multi-user executor became it) or
+   root's, then answers ``READY``.
+
+From then on every request of that client goes through the lane, and every reply, output
+stream and error for it comes back through it. A lane lives as long as its executor, which
+serves one lease (a multi-user broker retires every executor after its lease; a single-user
+one reuses only executors no tenant touched, and opening a lane is a tenant request).
+
+A message is ``[8-byte big-endian length][pickle of (type, body, payload frames)]``. Pickle,
+not msgpack: both ends already unpickle each other's data (functions, arguments, results).
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+from typing import Any
+
+TOKEN_BYTES = 32
+OFFER_SECONDS = 10.0  # an offered token not used within this is forgotten
+READY = b"\x01"  # the executor's answer to a valid token
+_LENGTH = struct.Struct("!Q")
+HEADER_BYTES = _LENGTH.size
+MAX_MESSAGE = 1 << 30  # a length beyond this is a broken stream, not a message
+SEND_TIMEOUT = 5.0  # seconds a blocked send waits for the peer to read before the lane breaks
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_WAITALL = int(socket.MSG_WAITALL)
+
+
+class LaneBroken(OSError):
+    """The lane cannot carry messages any more (peer gone, stream cut, peer not reading)."""
+
+
+def pack(kind: str, body: dict[str, Any], payload: Any = ()) -> bytes:
+    frames = tuple(bytes(f) if isinstance(f, memoryview) else f for f in payload)
+    data = pickle.dumps((kind, body, frames), protocol=_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
+
+
+def send_packed(sock: socket.socket, message: bytes) -> None:
+    """Send a whole packed message (``make_blocking``: a peer that reads nothing for
+    ``SEND_TIMEOUT`` breaks the lane)."""
+    try:
+        sock.sendall(message)
+    except OSError as exc:  # timeout included: a peer that does not read breaks the lane
+        raise LaneBroken(f"lane send failed: {exc}") from None
+
+
+def _exactly(sock: socket.socket, nbytes: int, first: bytes = b"") -> bytes:
+    if not first:  # the usual case: one call (the sender wrote the message whole)
+        try:
+            data = sock.recv(nbytes, _WAITALL)
+        except OSError as exc:
+            raise LaneBroken(f"lane receive failed: {exc}") from None
+        if len(data) == nbytes:
+            return data
+        if not data:
+            raise LaneBroken("the lane was closed by its peer")
+        first = data
+    buffer = bytearray(first)
+    while len(buffer) < nbytes:
+        try:
+            chunk = sock.recv(nbytes - len(buffer))
+        except OSError as exc:
+            raise LaneBroken(f"lane receive failed: {exc}") from None
+        if not chunk:
+            raise LaneBroken("the lane was closed by its peer")
+        buffer += chunk
+    return bytes(buffer)
+
+
+def receive(sock: socket.socket, head: bytes = b"") -> tuple[str, dict[str, Any], tuple[Any, ...]]:
+    """The next whole message (``head``: its first bytes, already read by a non-blocking
+    probe). Blocks until it is complete; raises LaneBroken at end of stream or on garbage."""
+    header = _exactly(sock, HEADER_BYTES, head)
+    (length,) = _LENGTH.unpack(header)
+    if length > MAX_MESSAGE:
+        raise LaneBroken(f"lane message of {length} bytes: the stream is broken")
+    data = _exactly(sock, length)
+    try:
+        kind, body, payload = pickle.loads(data)
+    except Exception as exc:
+        raise LaneBroken(f"unreadable lane message: {exc}") from None
+    if not isinstance(kind, str) or not isinstance(body, dict):
+        raise LaneBroken("a lane message is (type, body, payload)")
+    return kind, body, payload
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (``SO_PEERCRED``)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def make_blocking(sock: socket.socket) -> None:
+    """Blocking, with the send timeout in the kernel (``SO_SNDTIMEO``): a Python-level timeout
+    would poll before every receive, and a non-blocking probe (``MSG_DONTWAIT``) must not wait."""
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0))
+
+
+def connect(address: bytes, token: bytes, timeout: float = 5.0) -> socket.socket:
+    """The client's half of the opening: connect, present the token, wait for ``READY``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(token)
+        answer = sock.recv(1)
+        if answer != READY:
+            raise LaneBroken("the executor refused the lane")
+        make_blocking(sock)
+        return sock
+    except BaseException:
+        sock.close()
+        raise

@@ -58,6 +58,7 @@ from .wire.messages import INLINE_BYTES, Message, decode, encode, refusal_reason
 from .wire.transport import TCP, connect, received, send_frames, transport_of
 
 POLL_SLICE = 0.25  # seconds between executor liveness checks while waiting
+LANE_OPEN_TIMEOUT = 1.0  # seconds a lane request may take before the call goes by ZeroMQ
 # How long a wait for a result polls its lane without sleeping before it blocks: a thread (or
 # a VM's vCPU) that sleeps costs tens of microseconds to wake, which is the whole budget of a
 # short call. In-process CUDA does the same while it synchronizes (it spins unless there are
@@ -460,10 +461,18 @@ class ExecutorConnection:
         lanes, another network namespace, a uid it refuses) requests keep going by ZeroMQ."""
         self.lane_tried = True
         try:
-            reply = self._call("lane", {}, timeout=10.0)
+            # A live executor answers at once (its watcher thread does during a long call): a
+            # stopped one must not hold the request up; its turn comes again later.
+            reply = self._call("lane", {}, timeout=LANE_OPEN_TIMEOUT)
             sock = lane_wire.connect(reply["address"], reply["token"])
         except ExecutorLost:
             raise
+        except ExecutorUnavailable as exc:
+            log.debug(
+                "no answer to the lane request of %s (%s); ZeroMQ for now", self.endpoint, exc
+            )
+            self.lane_tried = False  # asked again with a later request
+            return
         except Exception as exc:
             log.debug("no lane to %s (%s); requests go by ZeroMQ", self.endpoint, exc)
             return

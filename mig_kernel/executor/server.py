@@ -478,7 +478,8 @@ class ExecutorServer:
                         reason="reclaimed",
                     )
                 self.touched = True
-                self.lease_id = msg.sender
+                if msg.sender:  # (a lane request has none: its lane was opened by a signed one)
+                    self.lease_id = msg.sender
                 self.served += 1
                 self.last_active = time.time()
             body = method(msg, route)

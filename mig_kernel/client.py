@@ -509,8 +509,11 @@ class Session:
         return idle > limit - margin
 
     def refresh(self) -> None:
-        """Re-read the lease (a replaced executor has a new endpoint)."""
+        """Re-read the lease (a replaced executor has a new endpoint). The broker's answer is
+        as new as any heartbeat's: the generation it names is the one to talk to, so a
+        connection to it is not taken for one to a replaced executor."""
         self._apply_lease(self.broker.lease(self.id)["lease"])
+        self._state["generation"] = self.generation
 
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         """Round trip to the lease's executor, signed with the lease key."""

@@ -26,6 +26,8 @@ from mig_kernel.procs import pid_alive
 from mig_kernel.testing import BrokerProcess, all_free, count, executor_pids, wait_until
 from mig_kernel.wire import errors as E
 
+from .support.accounts import PYTHONPATH as CHECKOUT_PATH  # this checkout, then what we import
+
 REPO = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
 SIM = ("--backend", "sim", "--sim-layout")
@@ -39,7 +41,7 @@ def start_holder(broker: BrokerProcess) -> tuple[subprocess.Popen[str], dict[str
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=dict(os.environ, PYTHONPATH=CHECKOUT_PATH),
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()

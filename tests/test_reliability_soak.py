@@ -28,6 +28,8 @@ from mig_kernel.broker.registry import broker_tag
 from mig_kernel.procs import pid_alive, proc_start_ticks
 from mig_kernel.testing import BrokerProcess, all_free, executor_pids, wait_until
 
+from .support.accounts import PYTHONPATH as CHECKOUT_PATH  # this checkout, then what we import
+
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = "H100-80GB:4x1g.10gb"
 FAULTS = (
@@ -87,7 +89,7 @@ def start_client(broker: BrokerProcess, invocations: int, seed: int) -> subproce
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=dict(os.environ, PYTHONPATH=CHECKOUT_PATH),
     )
 
 

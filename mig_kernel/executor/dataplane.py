@@ -699,8 +699,11 @@ class _Stream(io.TextIOBase):
     def write(self, text: str) -> int:
         if self.job is None:
             return self.fallback.write(text)
+        now = time.monotonic()
+        if not self.buffer_:
+            self.last = now  # the age of what waits counts, not the quiet before it
         self.buffer_.append(text)
-        if "\n" in text or time.monotonic() - self.last > 0.1:
+        if "\n" in text or now - self.last > 0.1:
             self.flush()
         return len(text)
 

@@ -59,7 +59,3 @@ browser:
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/report.py --suite cpu $(ARGS)
-
-# The long reliability runs (docs/reliability.md), left out of `make test` (marker `soak`).
-soak: $(VENV)/.installed
-	$(PY) -m pytest -m soak

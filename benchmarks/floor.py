@@ -38,6 +38,7 @@ from typing import Any
 import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))
+from broker_bench import percentile
 
 import mig_kernel
 from mig_kernel.testing import BrokerProcess, all_free
@@ -70,11 +71,6 @@ while True:
 
 def noop() -> None:
     return None
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def stats_us(samples: list[float]) -> dict[str, float]:

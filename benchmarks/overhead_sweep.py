@@ -42,6 +42,8 @@ import cloudpickle
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from broker_bench import percentile
+from floor import stats_us
 from gpu_dataplane import h2d_bandwidth
 from gpu_suite import cupy_info, nvidia_smi, running_broker
 
@@ -97,19 +99,6 @@ def noop() -> None:
 
 def identity(x: Any) -> Any:
     return x
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def stats_us(samples: list[float]) -> dict[str, float]:
-    return {
-        "p50_us": percentile(samples, 50) * 1e6,
-        "p99_us": percentile(samples, 99) * 1e6,
-        "n": len(samples),
-    }
 
 
 def timed(call: Callable[[], Any], n: int, out: list[float]) -> None:

@@ -464,14 +464,7 @@ class Broker(LoggingConfigurable):
             return
         for lease in list(self.leases.values()):
             self._end_lease(lease, "broker_stopped")
-        for ticket in self.queue:
-            self._reply_error(
-                ticket.route,
-                ticket.reply_to,
-                self._client_key(ticket.client_id),
-                E.AcquireCancelled("the broker is shutting down"),
-            )
-        self.queue.clear()
+        self._cancel_queue()
         executors = list(self.executors.values())
         for ex in executors:
             self.pool.stop(ex, grace=3.0)
@@ -1501,6 +1494,17 @@ class Broker(LoggingConfigurable):
         self._ensure_executor(record)
 
     # ================================================================== reclaim & queue
+    def _cancel_queue(self) -> None:
+        """Answer every waiting acquire that the broker is shutting down."""
+        for ticket in self.queue:
+            self._reply_error(
+                ticket.route,
+                ticket.reply_to,
+                self._client_key(ticket.client_id),
+                E.AcquireCancelled("the broker is shutting down"),
+            )
+        self.queue.clear()
+
     def _check_leases(self, now: float) -> None:
         lost_after = self.heartbeat_interval * self.heartbeat_misses
         for lease in list(self.leases.values()):

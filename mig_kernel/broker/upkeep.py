@@ -155,14 +155,7 @@ def shutdown_degraded(broker: Broker) -> None:
         "left running for the next broker",
         broker.store.reason,
     )
-    for ticket in broker.queue:
-        broker._reply_error(
-            ticket.route,
-            ticket.reply_to,
-            broker._client_key(ticket.client_id),
-            E.AcquireCancelled("the broker is shutting down"),
-        )
-    broker.queue.clear()
+    broker._cancel_queue()
     idle = [ex for ex in broker.executors.values() if ex.key_lease is None]
     for ex in idle:
         broker.pool.stop(ex)

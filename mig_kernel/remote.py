@@ -68,9 +68,10 @@ SPIN = (
     float(os.environ.get("MIG_KERNEL_SPIN_US", "25000" if (os.cpu_count() or 1) >= 8 else "0"))
     / 1e6
 )
-_PROBE = int(_socket.MSG_DONTWAIT)
 
 log = logging.getLogger("mig_kernel.client")
+# Plain ints: pyzmq's enum members cost an enum operation per test on the hot path.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 CANCEL_GRACE = 3.0  # seconds an interrupted wait gives the executor to stop the call
 
 
@@ -441,6 +442,7 @@ class ExecutorConnection:
         # The lane (wire/lane.py) opens with the first request; off on tcp and when
         # MIG_KERNEL_LANE=0 (the benchmarks' signed-ZeroMQ baseline).
         self.lane: _socket.socket | None = None
+        self.lane_reader: lane_wire.LaneReader | None = None
         self.lane_tried = self.transport == TCP or os.environ.get("MIG_KERNEL_LANE") == "0"
         self.spin_until = 0.0
 
@@ -476,48 +478,47 @@ class ExecutorConnection:
         except Exception as exc:
             log.debug("no lane to %s (%s); requests go by ZeroMQ", self.endpoint, exc)
             return
-        self.lane = sock
+        lane_wire.receive_timeout(sock, POLL_SLICE)  # a wait on it looks up this often
+        self.lane, self.lane_reader = sock, lane_wire.LaneReader(sock)
         self.poller.register(sock, zmq.POLLIN)
 
     def _close_lane(self) -> None:
-        sock, self.lane = self.lane, None
+        sock, self.lane, self.lane_reader = self.lane, None, None
         if sock is not None:
             with contextlib.suppress(KeyError):
                 self.poller.unregister(sock)
             sock.close()
 
-    def _receive_lane(self, head: bytes = b"") -> None:
-        """One message from the lane; a lane that broke is closed (what follows comes by
-        ZeroMQ: the executor sends there what its lane could not carry)."""
-        assert self.lane is not None
+    def _receive_lane(self, wait: bool = True) -> bool:
+        """One message from the lane (False: none had come, without ``wait``); a lane that
+        broke is closed (what follows comes by ZeroMQ: the executor sends there what its lane
+        could not carry)."""
+        assert self.lane_reader is not None
         try:
-            kind, body, frames = lane_wire.receive(self.lane, head)
+            message = self.lane_reader.next(wait)
         except lane_wire.LaneBroken as exc:
             log.debug("the lane to %s broke (%s)", self.endpoint, exc)
             self._close_lane()
-            return
+            return True
+        if message is None:
+            return False
+        kind, body, frames = message
         self._handle_message(Message(kind, body, b"", 0.0, payload=list(frames)))
+        return True
 
     def _spin(self) -> bool:
         """Poll the lane without sleeping until something comes (True) or the spin window
         ends (False). The ZeroMQ socket is looked at too, now and then."""
-        lane, clock, until = self.lane, time.monotonic, self.spin_until
-        assert lane is not None
+        clock, until = time.monotonic, self.spin_until
+        receive = self._receive_lane
         events = self.socket.getsockopt
         i = 0
         while True:
-            try:
-                head = lane.recv(lane_wire.HEADER_BYTES, _PROBE)
-            except BlockingIOError:
-                head = None
-            except OSError:
-                head = b""  # broken: receive() says so
-            if head is not None:
-                self._receive_lane(head)
+            if receive(False):
                 return True
             i += 1
             if i % 32 == 0:
-                if events(zmq.EVENTS) & zmq.POLLIN:
+                if events(_EVENTS) & _POLLIN:
                     return False
                 if clock() >= until:
                     return False
@@ -536,6 +537,8 @@ class ExecutorConnection:
             except lane_wire.LaneBroken as exc:
                 log.debug("the lane to %s broke (%s)", self.endpoint, exc)
                 self._close_lane()
+        if "argv" in body:  # plain arguments for the lane: ZeroMQ carries their pickle
+            body["args"] = payload.dumps(body.pop("argv"), lambda _obj: None)
         frames = encode(msg_type, body, self.key, sender=self.lease_id, payload=frames_out)
         send_frames(self.socket, frames)  # copies: the caller may change its arrays now
 
@@ -580,8 +583,11 @@ class ExecutorConnection:
         call_id = _call_id()
         try:
             fn_data = _FUNCTIONS.dumps(fn) if fn is not None else b""
+            argv = None
             if msg_type == "invoke" and not args[0] and not args[1]:  # (args, kwargs)
                 data = payload.EMPTY_ARGS
+            elif msg_type == "invoke" and self.lane is not None and _plain_arguments(*args):
+                argv, data = args, b""  # in the lane's own pickle (no pickler of our own)
             else:
                 device = _device_arrays(args) if msg_type == "invoke" else None
                 data = payload.dumps(args, self._pickle_hook(out, device))
@@ -596,7 +602,10 @@ class ExecutorConnection:
                 body = {"call_id": call_id, "timeout": timeout, **body}
                 if self.to_free:  # collected handles ride along: no message of their own
                     body["free"], self.to_free = self.to_free, []
-                if len(fn_data) + len(data) <= INLINE_BYTES:  # in the header: two frames fewer
+                if argv is not None:
+                    body["fn"], body["argv"] = fn_data, argv
+                    self._send(msg_type, body)
+                elif len(fn_data) + len(data) <= INLINE_BYTES:  # in the header: 2 frames fewer
                     body["fn"], body["args"] = fn_data, data
                     self._send(msg_type, body, *out.buffers)
                 else:
@@ -692,9 +701,20 @@ class ExecutorConnection:
         """One message (callers loop until what they wait for is done: a poll that finds the
         next message at once costs less than asking the socket whether there is one). What
         the lane holds goes first: the executor sends by ZeroMQ only what came after it."""
-        if self.lane is not None and self.spin_until and self._spin():
-            return
-        self.spin_until = 0.0  # spun out: block from now on, until the next wait
+        reader = self.lane_reader
+        if reader is not None:
+            if reader.buffered():  # read with an earlier message: the socket shows nothing
+                self._receive_lane(False)
+                return
+            if self.spin_until and self._spin():
+                return
+            self.spin_until = 0.0  # spun out: block from now on, until the next wait
+            if not self.socket.getsockopt(_EVENTS) & _POLLIN:
+                # While the lane works everything comes by it (the executor turns to ZeroMQ
+                # only once it broke): wait on it alone, for up to its receive timeout.
+                if not self._receive_lane(True):
+                    self._check_alive()
+                return
         events = self.poller.poll(int(wait * 1000))
         if not events:
             self._check_alive()
@@ -759,6 +779,9 @@ class ExecutorConnection:
             return
         if msg.type == "result":
             invocation.timings = body.get("timings") or {}
+            if "value" in body:  # a plain value (None, a number, a short string) by the lane
+                invocation._resolve(body["value"])
+                return
             try:
                 made: dict[int, Any] = {}
                 data = _result_data(msg)
@@ -878,6 +901,23 @@ def _result_data(msg: Message) -> Any:
     if not msg.payload:
         raise ValueError("a result without data")
     return msg.payload[0]
+
+
+_PLAIN_SCALARS = frozenset({int, float, bool, complex, type(None)})
+_PLAIN_TEXT = frozenset({str, bytes})
+PLAIN_TEXT_MAX = 256  # longer strings and bytes are pickled as before (and may be frames)
+
+
+def _plain_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call's arguments are only numbers, None and short strings: no array and no
+    handle to stand in for, so the lane's pickle can carry them as they are."""
+    for value in (*args, *kwargs.values()):
+        kind = type(value)
+        if kind not in _PLAIN_SCALARS and not (
+            kind in _PLAIN_TEXT and len(value) <= PLAIN_TEXT_MAX
+        ):
+            return False
+    return True
 
 
 def _device_arrays(args: Any) -> set[int]:

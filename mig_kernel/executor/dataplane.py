@@ -14,7 +14,6 @@ fill, or none, and then the arrays travel back as frames of the reply.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import io
@@ -70,6 +69,7 @@ class Job:
     data: bytes = b""  # pickled (args, kwargs), or the call's arguments
     fn_data: bytes = b""  # the pickled function (empty for call-level operations)
     buffers: Sequence[Any] = ()  # array data carried by the message itself (tcp: "buf" ids)
+    argv: Any = None  # (args, kwargs) as a lane carried them, when they are plain values
     fn: Any = None
     staged: Any = None  # (args, kwargs) once staged
     ready_event: Any = None  # CUDA event: inputs are on the device
@@ -250,7 +250,9 @@ class DataPlane:
             if job.fn_data:
                 job.fn = self._function(job.fn_data)
             job.stage_wall = time.perf_counter()
-            if job.data == payload.EMPTY_ARGS:  # a call without arguments: nothing to load
+            if job.argv is not None:  # plain values, as the lane brought them
+                job.staged = job.argv
+            elif job.data == payload.EMPTY_ARGS:  # a call without arguments: nothing to load
                 job.staged = ((), {})
             else:
                 job.staged = payload.loads(job.data, lambda pid, job=job: self._stage_in(job, pid))
@@ -394,8 +396,13 @@ class DataPlane:
                 "input_bytes": job.input_bytes,
             }
             job.staged = None  # inputs may die now (and go back to the pool)
-            data = self._pickle_result(result)
             body = {"call_id": job.call_id, "timings": timings}
+            if type(result) in _PLAIN and type(job.route) is str:
+                # A lane's message is a pickle already: a plain value goes in it as it is
+                # (the server pickles it for ZeroMQ if the lane breaks on the way).
+                body["value"] = result
+                return "result", body, ()
+            data = self._pickle_result(result)
             if len(data) <= INLINE_BYTES:  # in the header: one frame fewer
                 body["data"] = data
                 return "result", body, ()
@@ -420,27 +427,39 @@ class DataPlane:
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.stdout.attach(job)
         self.stderr.attach(job)
+        trace = job.body.get("trace")  # MIG_KERNEL_TRACE stamps (server.py)
         try:
-            if self.runtime.name == "numpy":
-                with self._sim_cap():
-                    return fn(*args, **kwargs)
-            with self.runtime.compute(job.ready_event):
-                return fn(*args, **kwargs)
+            stream = self.runtime.compute_stream
+            if stream is None:  # a sim slice: its memory cap instead of a stream
+                cap, restore = self.runtime.sim_cap, None
+                if cap is not None and self.memory_limit is not None:
+                    with self.lock:
+                        room = self.memory_limit - self.accounted
+                    restore = cap.begin(room)
+                try:
+                    result = fn(*args, **kwargs)
+                finally:
+                    if restore is not None:
+                        cap.end(restore)  # type: ignore[union-attr]
+                if trace is not None:
+                    trace.append(time.perf_counter_ns())
+            else:  # on the compute stream, after its inputs' copies; then wait for it
+                if job.ready_event is not None:
+                    stream.wait_event(job.ready_event)
+                with stream:
+                    result = fn(*args, **kwargs)
+                if trace is not None:
+                    trace.append(time.perf_counter_ns())  # launched
+                stream.synchronize()
+            if trace is not None:
+                trace.append(time.perf_counter_ns())  # synchronized
+            return result
         finally:
             # As at the end of a cell: figures the call made are shown (and closed) now,
             # before its result is pickled and while its output still goes to the caller.
             self.display.after_call()
             self.stdout.detach()
             self.stderr.detach()
-
-    def _sim_cap(self) -> Any:
-        """A sim call may allocate what the slice has left (runtime.SimMemoryCap)."""
-        cap = self.runtime.sim_cap
-        if cap is None or self.memory_limit is None:
-            return contextlib.nullcontext()
-        with self.lock:
-            room = self.memory_limit - self.accounted
-        return cap.limit(room)
 
     def _explain_memory(self, exc: BaseException) -> BaseException:
         """An out-of-memory error of the running call (CuPy's pool limit on a GPU, the data

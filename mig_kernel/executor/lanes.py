@@ -34,6 +34,10 @@ class Lane:
     zmq_route: bytes  # the ZeroMQ route of the client that opened it (the fallback)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     broken: bool = False
+    reader: wire.LaneReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = wire.LaneReader(self.sock)
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
+import pickle
 import sys
 import threading
 import time
@@ -66,18 +66,22 @@ from .privileges import PrivilegeError, become
 from .runtime import Runtime, warm_start
 
 log = logging.getLogger("mig_kernel.executor")
+# Plain ints: pyzmq's enum members cost an enum operation per test on the hot path.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
-TAKEOVER = 0.002  # seconds a call runs before the watcher serves the socket in its place
+# Seconds a call runs before the watcher serves the socket in its place
+# (MIG_KERNEL_TAKEOVER_US overrides it: the overhead benchmark's diagnosis varies it).
+TAKEOVER = float(os.environ.get("MIG_KERNEL_TAKEOVER_US", "2000")) / 1e6
 WATCH_IDLE = 1.0  # seconds without calls after which the watcher sleeps until the next one
-_PROBE = int(socket.MSG_DONTWAIT)
 WAKE = "inproc://executor-wake"  # the main thread asks the watcher for the socket back
 # After a call the main thread polls without sleeping for this long: the holder's next request
 # usually follows within microseconds, and a thread (or a VM's vCPU) that went to sleep costs
 # tens of microseconds to wake. MIG_KERNEL_EXECUTOR_SPIN_US overrides it (0: never spin).
 SPIN = float(os.environ.get("MIG_KERNEL_EXECUTOR_SPIN_US", "1000")) / 1e6
 # MIG_KERNEL_TRACE=1: a lane call's result carries perf_counter_ns stamps of the executor's
-# steps (timings["trace"]: read, staged, run, ran), for benchmarks/overhead_sweep.py's
-# breakdown (the clock is CLOCK_MONOTONIC, the same in the client's process).
+# steps (timings["trace"]: read, staged, run, launched, synchronized, ran), for the breakdowns
+# of benchmarks/overhead_sweep.py and probes/growth.py (the clock is CLOCK_MONOTONIC, the
+# same in the client's process).
 TRACE = os.environ.get("MIG_KERNEL_TRACE") == "1"
 
 
@@ -249,6 +253,8 @@ class ExecutorServer:
             log.warning("a reply for %s, which is gone, was dropped", route)
             return
         kind, body, payload = _unpack(encoded)
+        if "value" in body:  # a plain result, as a lane carries it: ZeroMQ carries its pickle
+            body["data"] = pickle.dumps(body.pop("value"), protocol=pickle.HIGHEST_PROTOCOL)
         self._send_frames([zmq_route, *self._sign_tenant(kind, body, payload)])
 
     def _spin_lanes(self) -> bool:
@@ -259,38 +265,53 @@ class ExecutorServer:
         if not self.sock_lock.acquire(blocking=False):
             return False
         try:
-            lanes, probe, clock = self.lanes.by_route, _PROBE, time.monotonic
+            lanes, clock = self.lanes.by_route, time.monotonic
             events = self.socket.getsockopt
             i = 0
             while True:
                 for lane in lanes.values():
+                    read = time.perf_counter_ns() if TRACE else 0
                     try:
-                        head = lane.sock.recv(lane_wire.HEADER_BYTES, probe)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        head = b""  # broken: receive() says so
-                    self._serve_lane(lane, head)
-                    return True
+                        message = lane.reader.next(False)
+                    except lane_wire.LaneBroken:
+                        self._drop_lane(lane)
+                        return True
+                    if message is not None:
+                        self._serve_request(lane, message, read)
+                        if lane.reader.buffered():
+                            self._serve_lane(lane, wait=False)
+                        return True
                 i += 1
                 if i % 64 == 0 and (
-                    not lanes or clock() >= self.spin_until or events(zmq.EVENTS) & zmq.POLLIN
+                    not lanes or clock() >= self.spin_until or events(_EVENTS) & _POLLIN
                 ):
                     return False
         finally:
             self.sock_lock.release()
 
-    def _serve_lane(self, lane: Lane, head: bytes | None = None) -> None:
-        """One request from a lane (the caller holds ``sock_lock``); ``head``: its first
-        bytes, already read by ``_spin_lanes``."""
-        read = time.perf_counter_ns() if TRACE else 0
-        try:
-            kind, body, payload = lane_wire.receive(lane.sock, head or b"")
-        except lane_wire.LaneBroken:
-            self._drop_lane(lane)
-            return
+    def _serve_lane(self, lane: Lane, wait: bool = True) -> bool:
+        """The requests a lane has brought (the caller holds ``sock_lock``); without
+        ``wait``, False if none had come. Every whole request read is served: the socket
+        shows nothing more for those read together with the first."""
+        reader = lane.reader
+        while True:
+            read = time.perf_counter_ns() if TRACE else 0
+            try:
+                message = reader.next(wait)
+            except lane_wire.LaneBroken:
+                self._drop_lane(lane)
+                return True
+            if message is None:
+                return False
+            self._serve_request(lane, message, read)
+            if not reader.buffered():
+                return True
+
+    def _serve_request(self, lane: Lane, message: tuple[Any, ...], read: int = 0) -> None:
+        """One request read from a lane (``read``: when, for ``MIG_KERNEL_TRACE``)."""
+        kind, body, payload = message
         # The kernel vouches for the sender: no signature, timestamp or replay check.
-        msg = Message(type=kind, body=body, id=b"", ts=time.time(), payload=list(payload))
+        msg = Message(type=kind, body=body, id=b"", ts=0.0, payload=list(payload))
         if TRACE and kind == "invoke":
             body["trace"] = [read]
         self._dispatch(lane.route, msg)
@@ -324,13 +345,13 @@ class ExecutorServer:
         if self.socket in events:
             for i in range(limit):
                 self._handle(*self._receive())
-                if i + 1 == limit or not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if i + 1 == limit or not self.socket.getsockopt(_EVENTS) & _POLLIN:
                     break
         self._check_deadline()
 
     def _forward_streams(self) -> None:
         """What running calls printed or displayed ("stream", "display"), in order."""
-        while self.streams.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while self.streams.getsockopt(_EVENTS) & _POLLIN:
             route, kind, body = self.streams.recv_pyobj()
             self._deliver(route, self._encode_for(route, kind, body))
 
@@ -641,6 +662,17 @@ class ExecutorServer:
         fn_data, data = msg.body.get("fn"), msg.body.get("args")
         if isinstance(fn_data, bytes) and isinstance(data, bytes):  # small: in the header
             return Job(kind, route, call_id, msg.body, data, fn_data, msg.payload)
+        argv = msg.body.get("argv")
+        if argv is not None and isinstance(fn_data, bytes) and isinstance(route, str):
+            # Plain arguments in the lane's own pickle (remote.py's _plain_arguments).
+            if not (
+                type(argv) is tuple
+                and len(argv) == 2
+                and type(argv[0]) is tuple
+                and type(argv[1]) is dict
+            ):
+                raise BadRequest("field 'argv' is (args, kwargs): a tuple and a dict")
+            return Job(kind, route, call_id, msg.body, b"", fn_data, msg.payload, argv=argv)
         if len(msg.payload) < 2:
             raise BadRequest(
                 "an invocation carries the function and its arguments (the body's fn and args, "
@@ -699,14 +731,12 @@ class ExecutorServer:
 
 def _unpack(packed: bytes) -> tuple[str, dict[str, Any], tuple[Any, ...]]:
     """A packed lane message taken apart again (to send it by ZeroMQ instead)."""
-    import pickle
-
     kind, body, payload = pickle.loads(packed[lane_wire.HEADER_BYTES :])
     return kind, body, payload
 
 
 def _drain(sock: zmq.Socket) -> None:
-    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+    while sock.getsockopt(_EVENTS) & _POLLIN:
         sock.recv()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import io
+import operator
 import pickle
 import sys
 import threading
@@ -225,7 +226,7 @@ class _Entry:
         return (
             equal == self.equal
             and len(same) == len(self.same)
-            and all(a is b for a, b in zip(same, self.same, strict=True))
+            and all(map(operator.is_, same, self.same))
         )
 
 

@@ -1,0 +1,212 @@
+"""Why a remoted call's overhead grows with its GPU time (issue 15): stamps of every step.
+
+Usage (on the GPU machine; ``--backend sim`` only checks the code paths)::
+
+    python benchmarks/probes/growth.py [--backend nvml|sim] [--reps 200] [--out FILE.json]
+
+For spin kernels of 0 us to 20 ms it measures, in alternating blocks of calls made back to
+back (the executor is never idle for a native block's length between two remoted calls),
+p50 in us:
+
+- ``native``: launch and ``synchronize`` in this process on the current (legacy) stream;
+- ``native_nb``: the same on a non-blocking stream, as the executor runs calls;
+- ``floor_pipe``, ``floor_pipe_spin``: the same kernel in a forked process behind a Unix
+  socketpair, blocking or spinning (``floor_remote``): what remoting costs at the least;
+- ``remoted``: ``session.run`` on a one-slice broker, with the client's and the executor's
+  stamps (``MIG_KERNEL_TRACE=1``): client submit and send; executor read, staged, run start,
+  launched (the function returned), synchronized, ran (result pickled); client done.
+
+once with the executor's watcher taking the socket after 2 ms (the default) and once with
+the takeover off (``MIG_KERNEL_TAKEOVER_US``: a diagnosis only; calls then go unwatched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from broker_bench import percentile
+from gpu_suite import running_broker
+from overhead_sweep import SPIN_SOURCE, noop, remote_sim_spin, remote_spin
+
+import mig_kernel
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LENGTHS_US = (0, 1000, 2100, 5000, 20000)
+ROUNDS = 5  # native and remoted alternate in this many blocks per length
+STEPS = (
+    "client_submit",
+    "send_to_read",
+    "read_to_staged",
+    "staged_to_run",
+    "run_to_launched",
+    "launched_to_synced",
+    "synced_to_ran",
+    "ran_to_client_done",
+)
+
+
+def natives(gpu: bool) -> dict[str, Any]:
+    if not gpu:
+        return {"native": remote_sim_spin}
+    import cupy
+
+    kernel = cupy.RawKernel(SPIN_SOURCE, "spin")
+    legacy = cupy.cuda.get_current_stream()
+    nonblocking = cupy.cuda.Stream(non_blocking=True)
+
+    def on(stream: Any) -> Any:
+        def call(ns: int) -> None:
+            with stream:
+                kernel((1,), (1,), (ns,))
+            stream.synchronize()
+
+        return call
+
+    return {"native": on(legacy), "native_nb": on(nonblocking)}
+
+
+def _floor_server(sock: Any, gpu: bool, spin: bool) -> None:
+    """The child of ``floor_remote``: read a length, run the spin kernel, answer one byte."""
+    call = natives(gpu).get("native_nb") or natives(gpu)["native"]
+    if spin:
+        sock.setblocking(False)
+    while True:
+        try:
+            data = sock.recv(8)
+        except BlockingIOError:
+            continue
+        if not data:
+            os._exit(0)
+        call(int.from_bytes(data, "little"))
+        while True:
+            try:
+                sock.send(b"\x01")
+                break
+            except BlockingIOError:
+                continue
+
+
+def floor_remote(gpu: bool, spin: bool) -> tuple[Any, Any]:
+    """The least any remoting can be in Python: a forked process that runs the same kernel
+    on its own non-blocking stream, driven over a Unix socketpair (8 bytes in, 1 byte out);
+    ``spin``: both ends poll without sleeping, as mig-kernel's spin windows do."""
+    import socket
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        mine.close()
+        _floor_server(theirs, gpu, spin)
+    theirs.close()
+    if spin:
+        mine.setblocking(False)
+
+    def call(ns: int) -> None:
+        mine.send(ns.to_bytes(8, "little"))
+        while True:
+            try:
+                if mine.recv(1):
+                    return
+            except BlockingIOError:
+                continue
+
+    return call, (mine, pid)
+
+
+def stamped(session: Any, fn: Any, ns: int) -> tuple[float, list[float] | None]:
+    t0 = time.perf_counter_ns()
+    invocation = session.submit(fn, ns)
+    sent = time.perf_counter_ns()
+    invocation.result()
+    done = time.perf_counter_ns()
+    trace = invocation.timings.get("trace")
+    if not trace or len(trace) != 6:
+        return (done - t0) / 1e3, None
+    marks = [t0, sent, *trace, done]
+    return (done - t0) / 1e3, [(b - a) / 1e3 for a, b in itertools.pairwise(marks)]
+
+
+def measure(session: Any, gpu: bool, reps: int) -> dict[str, Any]:
+    fn = remote_spin if gpu else remote_sim_spin
+    local = natives(gpu)
+    ends = []
+    for name, spin in (("floor_pipe", False), ("floor_pipe_spin", True)):
+        local[name], end = floor_remote(gpu, spin)
+        ends.append(end)
+    out: dict[str, Any] = {}
+    for length in LENGTHS_US:
+        ns = length * 1000
+        n = reps if length <= 5000 else max(20, reps // 4)
+        times: dict[str, list[float]] = {name: [] for name in (*local, "remoted")}
+        steps: list[list[float]] = []
+        for call in local.values():
+            call(ns)
+        session.run(fn, ns)
+        for _ in range(ROUNDS):  # blocks of calls back to back: no idle gap between them
+            for name, call in local.items():
+                for _ in range(n // ROUNDS):
+                    t = time.perf_counter_ns()
+                    call(ns)
+                    times[name].append((time.perf_counter_ns() - t) / 1e3)
+            for _ in range(n // ROUNDS):
+                total, spans = stamped(session, fn, ns)
+                times["remoted"].append(total)
+                if spans is not None:
+                    steps.append(spans)
+        row: dict[str, Any] = {name: percentile(v, 50) for name, v in times.items()}
+        row["steps_p50"] = {
+            name: percentile([s[i] for s in steps], 50) if steps else None
+            for i, name in enumerate(STEPS)
+        }
+        out[f"{length}us"] = row
+        print(length, json.dumps(row), flush=True)
+    for sock, pid in ends:
+        sock.close()
+        os.waitpid(pid, 0)
+    empty = []
+    for _ in range(1000):
+        t = time.perf_counter_ns()
+        session.run(noop)
+        empty.append((time.perf_counter_ns() - t) / 1e3)
+    out["empty_call_p50"] = percentile(empty, 50)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="nvml", choices=("nvml", "sim"))
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    gpu = args.backend == "nvml"
+    os.environ["MIG_KERNEL_TRACE"] = "1"
+    result: dict[str, Any] = {"cpus": os.cpu_count(), "load": list(os.getloadavg())}
+    for label, takeover in (("takeover_2ms", "2000"), ("takeover_off", "1000000000")):
+        os.environ["MIG_KERNEL_TAKEOVER_US"] = takeover
+        with (
+            tempfile.TemporaryDirectory(prefix="mig-growth-") as tmp,
+            running_broker(Path(tmp), "growth", args.backend, 1, 1) as broker,
+            mig_kernel.connect(broker=broker.connection_file, timeout=120) as session,
+        ):
+            for _ in range(200):
+                session.run(noop)
+            print(label, flush=True)
+            result[label] = measure(session, gpu, args.reps)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -62,10 +62,17 @@ LANE_OPEN_TIMEOUT = 1.0  # seconds a lane request may take before the call goes 
 # How long a wait for a result polls its lane without sleeping before it blocks: a thread (or
 # a VM's vCPU) that sleeps costs tens of microseconds to wake, which is the whole budget of a
 # short call. In-process CUDA does the same while it synchronizes (it spins unless there are
-# more CUDA contexts than CPUs). On a node of few CPUs the window is short, so a client never
-# keeps a core from the executor for long. MIG_KERNEL_SPIN_US overrides it (0: never spin).
+# more CUDA contexts than CPUs). With 8 CPUs or more it covers calls of up to 25 ms; with
+# fewer, 100 us: short calls come back within it, and a longer one is not kept from a core
+# for long (on the 2-core CPU machine an empty call took 32 us with it, 65 us without; see
+# docs/performance.md). One CPU: never (the executor needs it). MIG_KERNEL_SPIN_US overrides.
+_CPUS = os.cpu_count() or 1
 SPIN = (
-    float(os.environ.get("MIG_KERNEL_SPIN_US", "25000" if (os.cpu_count() or 1) >= 8 else "0"))
+    float(
+        os.environ.get(
+            "MIG_KERNEL_SPIN_US", "25000" if _CPUS >= 8 else ("100" if _CPUS >= 2 else "0")
+        )
+    )
     / 1e6
 )
 

@@ -26,6 +26,7 @@ import argparse
 import itertools
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -78,32 +79,32 @@ def natives(gpu: bool) -> dict[str, Any]:
 
 
 def _floor_server(sock: Any, gpu: bool, spin: bool) -> None:
-    """The child of ``floor_remote``: read a length, run the spin kernel, answer one byte."""
+    """The child of ``floor_remote``: read a length, run the spin kernel, answer one byte;
+    ``spin``: look for the next request without sleeping for 1 ms after each answer (as the
+    executor does), then block."""
     call = natives(gpu).get("native_nb") or natives(gpu)["native"]
-    if spin:
-        sock.setblocking(False)
+    until = 0.0
     while True:
-        try:
-            data = sock.recv(8)
-        except BlockingIOError:
-            continue
-        if not data:
-            os._exit(0)
-        call(int.from_bytes(data, "little"))
-        while True:
+        data = b""
+        while spin and time.monotonic() < until:
             try:
-                sock.send(b"\x01")
+                data = sock.recv(8, socket.MSG_DONTWAIT)
                 break
             except BlockingIOError:
                 continue
+        if not data:
+            data = sock.recv(8)
+        if not data:
+            os._exit(0)
+        call(int.from_bytes(data, "little"))
+        sock.send(b"\x01")
+        until = time.monotonic() + 0.001
 
 
 def floor_remote(gpu: bool, spin: bool) -> tuple[Any, Any]:
     """The least any remoting can be in Python: a forked process that runs the same kernel
     on its own non-blocking stream, driven over a Unix socketpair (8 bytes in, 1 byte out);
     ``spin``: both ends poll without sleeping, as mig-kernel's spin windows do."""
-    import socket
-
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:

@@ -8,9 +8,10 @@ The main thread serves the socket and runs the calls itself, so a short call's r
 from the thread that received the invocation, with no hand-off between threads. A ZeroMQ socket
 must not be used by two threads at once: whoever holds ``sock_lock`` owns it. While a call runs
 the main thread does not hold it, and once the call has run for ``TAKEOVER`` seconds the
-watcher thread takes the socket and serves everything else (stage-in of the next invocation,
-output, cancel, the deadline, the broker's requests) until the call ends and the main thread
-asks for the socket back.
+watcher thread serves everything else (stage-in of the next invocation, output, cancel, the
+deadline, the broker's requests) until the call ends. It holds the socket only while it
+handles something, and waits on the sockets' fds without it, so the main thread has it back
+as soon as the call ends, without waking the watcher.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import logging
 import os
 import pickle
+import select
 import sys
 import threading
 import time
@@ -73,7 +75,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 # (MIG_KERNEL_TAKEOVER_US overrides it: the overhead benchmark's diagnosis varies it).
 TAKEOVER = float(os.environ.get("MIG_KERNEL_TAKEOVER_US", "2000")) / 1e6
 WATCH_IDLE = 1.0  # seconds without calls after which the watcher sleeps until the next one
-WAKE = "inproc://executor-wake"  # the main thread asks the watcher for the socket back
+WATCH_WAIT = 0.1  # seconds the watcher waits for input at most (then it checks the deadline)
 # After a call the main thread polls without sleeping for this long: the holder's next request
 # usually follows within microseconds, and a thread (or a VM's vCPU) that went to sleep costs
 # tens of microseconds to wake. MIG_KERNEL_EXECUTOR_SPIN_US overrides it (0: never spin).
@@ -115,13 +117,11 @@ class ExecutorServer:
         self.orphans = OrphanWatch(spec)  # exit once broker and holder are both long gone
         self.lease_id: str | None = None  # the lease whose requests it served (their sender)
         self.streams = self._inproc(context, zmq.PULL, STREAMS)  # bound before it is connected
-        self.wake_in = self._inproc(context, zmq.PULL, WAKE)
-        self.wake_out = context.socket(zmq.PUSH)  # the main thread's own
-        self.wake_out.linger = 0
-        self.wake_out.connect(WAKE)
         self.sock_lock = threading.Lock()
         self.poller = zmq.Poller()
-        for sock in (self.socket, self.streams, self.wake_in):
+        # What the watcher waits on without holding the socket: their notification fds.
+        self.zmq_fds = (self.socket.getsockopt(zmq.FD), self.streams.getsockopt(zmq.FD))
+        for sock in (self.socket, self.streams):
             self.poller.register(sock, zmq.POLLIN)
         self.dataplane = DataPlane(runtime, context, spec.memory_limit, self._send_tenant)
         self.dataplane.call_started = self._call_started
@@ -194,8 +194,7 @@ class ExecutorServer:
             self.watch_cond.notify()
         self.watcher.join(timeout=5)
         self.dataplane.close()
-        for sock in (self.streams, self.wake_in, self.wake_out):
-            sock.close(linger=0)
+        self.streams.close(linger=0)
         self.lanes.close()
         self.socket.close(linger=1000)  # the last replies (a rekey's answer) still go out
 
@@ -215,15 +214,9 @@ class ExecutorServer:
             and self.dataplane.streamed == streamed
             and lane.send(lane_wire.pack(kind, body, payload))
         ):
-            if not self.sock_lock.acquire(blocking=False):
-                self.wake_out.send(b"")  # the watcher gives the socket back meanwhile
-            else:
-                self.sock_lock.release()
             return
         frames = self._encode_for(job.route, kind, body, payload)
-        if not self.sock_lock.acquire(blocking=False):  # the watcher serves it: ask it back
-            self.wake_out.send(b"")
-            self.sock_lock.acquire()
+        self.sock_lock.acquire()  # the watcher holds it only while it handles something
         try:
             if self.dataplane.streamed != streamed:
                 self._forward_streams()  # what the call printed goes before its result
@@ -260,8 +253,7 @@ class ExecutorServer:
     def _spin_lanes(self) -> bool:
         """Until ``spin_until``, look at the lanes without sleeping; True when a request came
         by one and was served. False, to poll everything, when the spin ends or the ZeroMQ
-        socket has a message, and at once if the watcher still holds the socket (it gives it
-        back after a long call: then the main thread waits for it)."""
+        socket has a message, and at once if the watcher is handling something."""
         if not self.sock_lock.acquire(blocking=False):
             return False
         try:
@@ -331,8 +323,6 @@ class ExecutorServer:
     def _serve_turn(self, timeout_ms: int, limit: int) -> None:
         """One poll of the sockets and what came (the caller holds ``sock_lock``)."""
         events = dict(self.poller.poll(timeout_ms))
-        if self.wake_in in events:
-            _drain(self.wake_in)
         if self.streams in events:
             self._forward_streams()
         if self.lanes.listener is not None:  # plain sockets come back as their fds
@@ -385,11 +375,28 @@ class ExecutorServer:
         if wait > 0:
             time.sleep(wait)
             return
-        with self.sock_lock:
-            while self.dataplane.current is job and self.running and not self.stopped:
-                self._serve_turn(100, limit=64)
+        self._serve_during(job)
         if not self.running:
             self._exit_after(job)
+
+    def _serve_during(self, job: Job) -> None:
+        """Serve the sockets while ``job`` runs. The socket is held only while what came is
+        handled, never while waiting for it: the main thread takes it back the moment the
+        call ends, with no hand-off (which cost two thread wake-ups after every long call).
+        The wait is on the sockets' fds (ZeroMQ's notification fds, the lanes, the lane
+        listener), which any thread may poll."""
+        while self.dataplane.current is job and self.running and not self.stopped:
+            with self.sock_lock:
+                if self.dataplane.current is not job:
+                    return
+                self._serve_turn(0, limit=64)
+                fds = [*self.zmq_fds, *self.lanes.by_fd]
+                if self.lanes.listener is not None:
+                    fds.append(self.lanes.listener.fileno())
+            waiting = select.poll()
+            for fd in fds:
+                waiting.register(fd, select.POLLIN)
+            waiting.poll(WATCH_WAIT * 1000)
 
     def _sleep_until_a_call(self) -> None:
         with self.watch_cond:
@@ -733,11 +740,6 @@ def _unpack(packed: bytes) -> tuple[str, dict[str, Any], tuple[Any, ...]]:
     """A packed lane message taken apart again (to send it by ZeroMQ instead)."""
     kind, body, payload = pickle.loads(packed[lane_wire.HEADER_BYTES :])
     return kind, body, payload
-
-
-def _drain(sock: zmq.Socket) -> None:
-    while sock.getsockopt(_EVENTS) & _POLLIN:
-        sock.recv()
 
 
 def _fetch_item(item: Any) -> bool:

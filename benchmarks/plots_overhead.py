@@ -78,14 +78,16 @@ def floor_plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", type=Path, required=True)
-    parser.add_argument("--floor", type=Path, nargs="+", required=True)
+    parser.add_argument("--sweep", type=Path, help="overhead_sweep.py's JSON (else no GPU plot)")
+    parser.add_argument("--floor", type=Path, nargs="+", help="floor.py's JSONs (else no CPU plot)")
     parser.add_argument("--out", type=Path, default=Path("docs/perf"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    sweep_plot(json.loads(args.sweep.read_text()), args.out / "gpu-overhead-sweep.png")
-    runs = [json.loads(p.read_text()) for p in args.floor]
-    floor_plot(runs, args.out / "cpu-floor.png")
+    if args.sweep:
+        sweep_plot(json.loads(args.sweep.read_text()), args.out / "gpu-overhead-sweep.png")
+    if args.floor:
+        runs = [json.loads(p.read_text()) for p in args.floor]
+        floor_plot(runs, args.out / "cpu-floor.png")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,52 @@ def test_a_reply_the_lane_cannot_carry_comes_by_zeromq(session) -> None:
     assert future.result(timeout=30) == 42  # the result came by the signed socket
     assert not conn.lane_active()
     assert session.run(lambda: 43) == 43
+
+
+def test_plain_arguments_and_results_by_the_lane_and_by_zeromq(session) -> None:
+    def echo(*args, **kwargs):
+        return repr((args, kwargs))
+
+    args = (1, 2.5, "s", b"b", None, True, 3 + 4j, 2**80)
+    expected = repr((args, {"k": "v"}))
+    assert session.run(echo, *args, k="v") == expected  # in the lane's pickle, as they are
+    assert session.run(echo, "x" * 10_000) == repr((("x" * 10_000,), {}))  # long: pickled
+    conn = session._connection()
+    assert conn.lane_active()
+    conn.lane.shutdown(socket.SHUT_WR)  # the client's next send into the lane fails
+    assert session.run(echo, *args, k="v") == expected  # the same values, by ZeroMQ
+    assert not conn.lane_active()
+    assert session.run(lambda: 2**70) == 2**70
+
+
+def test_the_lane_reader_takes_every_message_read_together() -> None:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with mine, theirs:
+        reader = lane_wire.LaneReader(mine)
+        assert reader.next(wait=False) is None  # nothing has come
+        big = b"z" * (3 * lane_wire.LaneReader.CHUNK)
+        theirs.sendall(lane_wire.pack("a", {"n": 1}) + lane_wire.pack("b", {"n": 2}, (big,)))
+        assert reader.next() == ("a", {"n": 1}, ())
+        kind, body, frames = reader.next()  # the rest of the second, read whole
+        assert (kind, body, frames) == ("b", {"n": 2}, (big,))
+        assert not reader.buffered()
+        theirs.sendall(lane_wire.pack("c", {}) + lane_wire.pack("d", {}))
+        assert reader.next()[0] == "c"
+        assert reader.buffered()  # the socket shows nothing more: the reader holds it
+        assert reader.next(wait=False)[0] == "d"
+        theirs.sendall(b"\0\0\0")  # a length that stops half-way, then the end
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(lane_wire.LaneBroken):
+            reader.next()
+
+
+def test_a_client_waiting_on_its_lane_wakes_for_the_liveness_checks() -> None:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with mine, theirs:
+        lane_wire.receive_timeout(mine, 0.05)
+        reader = lane_wire.LaneReader(mine)
+        started = time.monotonic()
+        assert reader.next(wait=True) is None  # the receive timeout: nothing came
+        assert 0.03 < time.monotonic() - started < 2.0
+        theirs.sendall(lane_wire.pack("late", {"ok": True}))
+        assert reader.next(wait=True) == ("late", {"ok": True}, ())

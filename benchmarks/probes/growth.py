@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +47,10 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 LENGTHS_US = (0, 1000, 2100, 5000, 20000)
 ROUNDS = 5  # native and remoted alternate in this many blocks per length
+# Between two blocks: longer than any spin window (the floor server's and the executor's,
+# 1 ms), so one system's spinning does not take the cores of the next one's block (on the
+# 2-core machine a short block ran entirely beside the last block's spinner).
+BLOCK_GAP = 0.005
 STEPS = (
     "client_submit",
     "send_to_read",
@@ -78,39 +83,56 @@ def natives(gpu: bool) -> dict[str, Any]:
     return {"native": on(legacy), "native_nb": on(nonblocking)}
 
 
-def _floor_server(sock: Any, gpu: bool, spin: bool) -> None:
-    """The child of ``floor_remote``: read a length, run the spin kernel, answer one byte;
-    ``spin``: look for the next request without sleeping for 1 ms after each answer (as the
-    executor does), then block."""
-    call = natives(gpu).get("native_nb") or natives(gpu)["native"]
-    until = 0.0
-    while True:
-        data = b""
-        while spin and time.monotonic() < until:
-            try:
-                data = sock.recv(8, socket.MSG_DONTWAIT)
-                break
-            except BlockingIOError:
-                continue
-        if not data:
-            data = sock.recv(8)
-        if not data:
-            os._exit(0)
-        call(int.from_bytes(data, "little"))
-        sock.send(b"\x01")
-        until = time.monotonic() + 0.001
+FLOOR_SERVER = r"""
+import os, socket, sys, time
+fd, gpu, spin = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+sock = socket.socket(fileno=fd)
+if gpu:
+    import cupy
+    kernel = cupy.RawKernel(sys.argv[4], "spin")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    def call(ns):
+        with stream:
+            kernel((1,), (1,), (ns,))
+        stream.synchronize()
+else:
+    def call(ns):
+        end = time.perf_counter_ns() + ns
+        while time.perf_counter_ns() < end:
+            pass
+sock.send(b"r")
+until = 0.0
+while True:
+    data = b""
+    while spin and time.monotonic() < until:
+        try:
+            data = sock.recv(8, socket.MSG_DONTWAIT)
+            break
+        except BlockingIOError:
+            continue
+    if not data:
+        data = sock.recv(8)
+    if not data:
+        break
+    call(int.from_bytes(data, "little"))
+    sock.send(b"\x01")
+    until = time.monotonic() + 0.001
+"""
 
 
 def floor_remote(gpu: bool, spin: bool) -> tuple[Any, Any]:
-    """The least any remoting can be in Python: a forked process that runs the same kernel
-    on its own non-blocking stream, driven over a Unix socketpair (8 bytes in, 1 byte out);
-    ``spin``: both ends poll without sleeping, as mig-kernel's spin windows do."""
+    """The least any remoting can be in Python: another process that runs the same kernel on
+    its own non-blocking stream, driven over a Unix socketpair (8 bytes in, 1 byte out);
+    ``spin``: both ends poll without sleeping (the server for 1 ms after each answer), as
+    mig-kernel's spin windows do. A new interpreter, not a fork: CUDA does not survive one."""
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:
-        mine.close()
-        _floor_server(theirs, gpu, spin)
+    args = [str(theirs.fileno()), "1" if gpu else "0", "1" if spin else "0", SPIN_SOURCE]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOR_SERVER, *args], pass_fds=(theirs.fileno(),)
+    )
     theirs.close()
+    if mine.recv(1) != b"r":
+        raise RuntimeError("the floor server did not start")
     if spin:
         mine.setblocking(False)
 
@@ -123,7 +145,7 @@ def floor_remote(gpu: bool, spin: bool) -> tuple[Any, Any]:
             except BlockingIOError:
                 continue
 
-    return call, (mine, pid)
+    return call, (mine, proc)
 
 
 def stamped(session: Any, fn: Any, ns: int) -> tuple[float, list[float] | None]:
@@ -157,10 +179,12 @@ def measure(session: Any, gpu: bool, reps: int) -> dict[str, Any]:
         session.run(fn, ns)
         for _ in range(ROUNDS):  # blocks of calls back to back: no idle gap between them
             for name, call in local.items():
+                time.sleep(BLOCK_GAP)
                 for _ in range(n // ROUNDS):
                     t = time.perf_counter_ns()
                     call(ns)
                     times[name].append((time.perf_counter_ns() - t) / 1e3)
+            time.sleep(BLOCK_GAP)
             for _ in range(n // ROUNDS):
                 total, spans = stamped(session, fn, ns)
                 times["remoted"].append(total)
@@ -173,9 +197,9 @@ def measure(session: Any, gpu: bool, reps: int) -> dict[str, Any]:
         }
         out[f"{length}us"] = row
         print(length, json.dumps(row), flush=True)
-    for sock, pid in ends:
+    for sock, proc in ends:
         sock.close()
-        os.waitpid(pid, 0)
+        proc.wait(timeout=30)
     empty = []
     for _ in range(1000):
         t = time.perf_counter_ns()

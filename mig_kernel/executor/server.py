@@ -390,6 +390,8 @@ class ExecutorServer:
                 if self.dataplane.current is not job:
                     return
                 self._serve_turn(0, limit=64)
+                if (self.socket.getsockopt(_EVENTS) | self.streams.getsockopt(_EVENTS)) & _POLLIN:
+                    continue  # more than one turn takes (the fds signal new arrivals only)
                 fds = [*self.zmq_fds, *self.lanes.by_fd]
                 if self.lanes.listener is not None:
                     fds.append(self.lanes.listener.fileno())

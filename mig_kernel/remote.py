@@ -593,7 +593,12 @@ class ExecutorConnection:
             argv = None
             if msg_type == "invoke" and not args[0] and not args[1]:  # (args, kwargs)
                 data = payload.EMPTY_ARGS
-            elif msg_type == "invoke" and self.lane is not None and _plain_arguments(*args):
+            elif (
+                msg_type == "invoke"
+                and self.lane is not None
+                and len(fn_data) <= INLINE_BYTES  # (so a fallback's header stays small)
+                and _plain_arguments(*args)
+            ):
                 argv, data = args, b""  # in the lane's own pickle (no pickler of our own)
             else:
                 device = _device_arrays(args) if msg_type == "invoke" else None

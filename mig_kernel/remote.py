@@ -545,7 +545,7 @@ class ExecutorConnection:
                 log.debug("the lane to %s broke (%s)", self.endpoint, exc)
                 self._close_lane()
         if "argv" in body:  # plain arguments for the lane: ZeroMQ carries their pickle
-            body["args"] = payload.dumps(body.pop("argv"), lambda _obj: None)
+            body["args"] = _pickle_argv(body.pop("argv"), body.pop("handles", None))
         frames = encode(msg_type, body, self.key, sender=self.lease_id, payload=frames_out)
         send_frames(self.socket, frames)  # copies: the caller may change its arrays now
 
@@ -576,6 +576,46 @@ class ExecutorConnection:
 
         return hook
 
+    def _handle_arguments(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[tuple[Any, ...], dict[str, Any]], list[int | str]] | None:
+        """A call on data already on the slice (``run(f, a, b)`` with handles of this
+        executor, besides plain values): its (args, kwargs) with each handle replaced by its
+        number, for the lane's own pickle, and the positions that hold one (an index into
+        args, a keyword). None when any argument is something else (a NumPy array, a
+        container, a handle of another executor): the pickler with its hook handles those,
+        and refuses a lost handle."""
+        positions: list[int | str] = []
+        by_number = list(args)
+        for i, value in enumerate(args):
+            number = self._handle_number(value)
+            if number is not None:
+                by_number[i] = number
+                positions.append(i)
+            elif not _plain_value(value):
+                return None
+        keywords = kwargs
+        for key, value in kwargs.items():
+            number = self._handle_number(value)
+            if number is not None:
+                if keywords is kwargs:
+                    keywords = dict(kwargs)
+                keywords[key] = number
+                positions.append(key)
+            elif not _plain_value(value):
+                return None
+        if not positions:
+            return None
+        return (tuple(by_number), keywords), positions
+
+    def _handle_number(self, value: Any) -> int | None:
+        kind = type(value)
+        if (kind is RemoteArray or kind is RemoteObject) and (
+            value._route is self.route and value.epoch in self.epochs
+        ):
+            return value.handle
+        return None
+
     def submit(
         self,
         msg_type: str,
@@ -600,6 +640,13 @@ class ExecutorConnection:
                 and _plain_arguments(*args)
             ):
                 argv, data = args, b""  # in the lane's own pickle (no pickler of our own)
+            elif (
+                msg_type == "invoke"
+                and self.lane is not None
+                and len(fn_data) <= INLINE_BYTES
+                and (by_number := self._handle_arguments(*args)) is not None
+            ):
+                (argv, body["handles"]), data = by_number, b""
             else:
                 device = _device_arrays(args) if msg_type == "invoke" else None
                 data = payload.dumps(args, self._pickle_hook(out, device))
@@ -930,6 +977,34 @@ def _plain_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         ):
             return False
     return True
+
+
+def _plain_value(value: Any) -> bool:
+    kind = type(value)
+    return kind in _PLAIN_SCALARS or (kind in _PLAIN_TEXT and len(value) <= PLAIN_TEXT_MAX)
+
+
+class _HandleNumber(int):
+    """A handle's number in arguments the lane could not take: pickled as the handle."""
+
+
+def _pickle_argv(argv: Any, handles: list[int | str] | None) -> bytes:
+    """The pickle ZeroMQ carries for arguments made for the lane (``_plain_arguments``,
+    ``ExecutorConnection._handle_arguments``): the numbers at ``handles`` go as handle ids, as the
+    pickler's hook would have written them."""
+    if not handles:
+        return payload.dumps(argv, lambda _obj: None)
+    args, kwargs = list(argv[0]), dict(argv[1])
+    for position in handles:
+        if isinstance(position, int):
+            args[position] = _HandleNumber(args[position])
+        else:
+            kwargs[position] = _HandleNumber(kwargs[position])
+
+    def hook(obj: Any) -> tuple[str, int] | None:
+        return ("h", int(obj)) if type(obj) is _HandleNumber else None
+
+    return payload.dumps((tuple(args), kwargs), hook)
 
 
 def _device_arrays(args: Any) -> set[int]:

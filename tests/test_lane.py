@@ -185,3 +185,61 @@ def test_a_client_waiting_on_its_lane_wakes_for_the_liveness_checks() -> None:
         assert 0.03 < time.monotonic() - started < 2.0
         theirs.sendall(lane_wire.pack("late", {"ok": True}))
         assert reader.next(wait=True) == ("late", {"ok": True}, ())
+
+
+def test_handles_ride_the_lane_as_numbers_and_zeromq_as_handles(session) -> None:
+    def combine(a, b, *, scale, c=None):
+        return float((a + b).sum()) * scale + (0 if c is None else float(c.sum()))
+
+    a = session.put(np.ones(4))
+    b = session.put(np.full(4, 2.0))
+    c = session.run(lambda: xp.arange(3.0))  # noqa: F821 (a handle made on the slice)
+    conn = session._connection()
+    # handles (positional and keyword) and plain values: numbers in the lane's own pickle
+    assert conn._handle_arguments((a, b), {"scale": 2, "c": c}) is not None
+    assert session.run(combine, a, b, scale=2, c=c) == 27.0
+    assert conn._handle_arguments((a, np.ones(2)), {}) is None  # an array: pickled as before
+    assert session.run(combine, a, np.ones(4), scale=1) == 8.0
+    assert conn.lane_active()
+    conn.lane.shutdown(socket.SHUT_WR)  # the client's next send into the lane fails
+    assert session.run(combine, a, b, scale=2, c=c) == 27.0  # the same, by ZeroMQ
+    assert not conn.lane_active()
+
+
+def test_a_freed_handle_by_the_lane_is_refused_by_name(session) -> None:
+    a = session.put(np.ones(4))
+    conn = session._connection()
+    conn.to_free.append(a.handle)  # freed behind the handle's back, as the call goes
+    with pytest.raises(KeyError, match=f"handle {a.handle} is not on this executor"):
+        session.run(lambda x: float(x.sum()), a)
+    assert session.run(lambda: 3) == 3
+
+
+@pytest.mark.parametrize(
+    "handles",
+    [[5], [0, "k"], ["missing"], "0", [1.5]],
+    ids=["index", "not-int", "key", "str", "float"],
+)
+def test_a_malformed_handles_field_is_refused(session, handles) -> None:
+    from mig_kernel import remote
+    from mig_kernel.datapath import Outgoing
+
+    conn = session._connection()
+    assert session.run(lambda: 1) == 1
+    call_id = f"bad-handles-{handles!r}"
+    invocation = remote.Invocation(conn, call_id, False, Outgoing(), None)
+    conn.pending[call_id] = invocation
+    fn = remote._FUNCTIONS.dumps(lambda x, k="v": x)
+    conn._send(
+        "invoke",
+        {
+            "call_id": call_id,
+            "timeout": None,
+            "fn": fn,
+            "argv": (("s",), {"k": "v"}),
+            "handles": handles,
+        },
+    )
+    with pytest.raises(MigKernelError, match="field 'handles'"):
+        invocation.result(timeout=30)
+    assert session.run(lambda: 2) == 2

@@ -70,6 +70,7 @@ class Job:
     fn_data: bytes = b""  # the pickled function (empty for call-level operations)
     buffers: Sequence[Any] = ()  # array data carried by the message itself (tcp: "buf" ids)
     argv: Any = None  # (args, kwargs) as a lane carried them, when they are plain values
+    handles: list[int | str] | None = None  # positions in argv that hold handle numbers
     fn: Any = None
     staged: Any = None  # (args, kwargs) once staged
     ready_event: Any = None  # CUDA event: inputs are on the device
@@ -251,7 +252,7 @@ class DataPlane:
                 job.fn = self._function(job.fn_data)
             job.stage_wall = time.perf_counter()
             if job.argv is not None:  # plain values, as the lane brought them
-                job.staged = job.argv
+                job.staged = self._with_handles(job.argv, job.handles) if job.handles else job.argv
             elif job.data == payload.EMPTY_ARGS:  # a call without arguments: nothing to load
                 job.staged = ((), {})
             else:
@@ -267,6 +268,17 @@ class DataPlane:
             return
         self.jobs[job.call_id] = job
         self.ready.append(job)
+
+    def _with_handles(self, argv: Any, handles: list[int | str]) -> tuple[Any, Any]:
+        """A lane's (args, kwargs) with the data named by the handle numbers at ``handles``
+        (server.py checked that each is a position holding an int)."""
+        args, kwargs = list(argv[0]), dict(argv[1])
+        for at in handles:
+            if type(at) is int:
+                args[at] = self.lookup(args[at])
+            else:
+                kwargs[at] = self.lookup(kwargs[at])
+        return tuple(args), kwargs
 
     def next_ready(self) -> Job | None:
         """The oldest staged invocation, taken off the queue (None if there is none)."""

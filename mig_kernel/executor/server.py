@@ -673,7 +673,8 @@ class ExecutorServer:
             return Job(kind, route, call_id, msg.body, data, fn_data, msg.payload)
         argv = msg.body.get("argv")
         if argv is not None and isinstance(fn_data, bytes) and isinstance(route, str):
-            # Plain arguments in the lane's own pickle (remote.py's _plain_arguments).
+            # Plain arguments in the lane's own pickle (remote.py's _plain_arguments), and handle
+            # numbers in place of handles (its _handle_arguments).
             if not (
                 type(argv) is tuple
                 and len(argv) == 2
@@ -681,7 +682,30 @@ class ExecutorServer:
                 and type(argv[1]) is dict
             ):
                 raise BadRequest("field 'argv' is (args, kwargs): a tuple and a dict")
-            return Job(kind, route, call_id, msg.body, b"", fn_data, msg.payload, argv=argv)
+            handles = msg.body.get("handles")
+            if handles is not None and not (
+                type(handles) is list
+                and all(
+                    (type(at) is int and 0 <= at < len(argv[0]) and type(argv[0][at]) is int)
+                    or (type(at) is str and type(argv[1].get(at)) is int)
+                    for at in handles
+                )
+            ):
+                raise BadRequest(
+                    "field 'handles' lists the positions of argv that hold handle numbers: "
+                    "indexes into args and keywords, each holding an int"
+                )
+            return Job(
+                kind,
+                route,
+                call_id,
+                msg.body,
+                b"",
+                fn_data,
+                msg.payload,
+                argv=argv,
+                handles=handles,
+            )
         if len(msg.payload) < 2:
             raise BadRequest(
                 "an invocation carries the function and its arguments (the body's fn and args, "

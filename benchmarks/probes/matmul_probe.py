@@ -31,22 +31,13 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
 from broker_bench import percentile
 from gpu_suite import running_broker
+from growth import STEPS  # the same stamps, named the same
 from overhead_sweep import remote_matmul
 
 import mig_kernel
-
-STEPS = (
-    "client_submit",
-    "send_to_read",
-    "read_to_staged",
-    "staged_to_run",
-    "run_to_launched",
-    "launched_to_synced",
-    "synced_to_ran",
-    "ran_to_client_done",
-)
 
 
 def main() -> None:

@@ -138,8 +138,12 @@ def cuda_setup(blocking: bool) -> Any:
         import cupy
     except ImportError:
         return None
-    if blocking:
-        cupy.cuda.runtime.setDeviceFlags(4)  # cudaDeviceScheduleBlockingSync, before any use
+    if blocking:  # CuPy has no setDeviceFlags: the driver's, on the primary context it uses
+        import ctypes
+
+        driver = ctypes.CDLL("libcuda.so.1")
+        if driver.cuInit(0) or driver.cuDevicePrimaryCtxSetFlags(0, 4):  # BLOCKING_SYNC
+            raise RuntimeError("could not set CU_CTX_SCHED_BLOCKING_SYNC on device 0")
     kernel = cupy.RawKernel(SPIN_SOURCE, "spin")
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:

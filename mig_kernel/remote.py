@@ -586,27 +586,14 @@ class ExecutorConnection:
         container, a handle of another executor): the pickler with its hook handles those,
         and refuses a lost handle."""
         positions: list[int | str] = []
-        by_number = list(args)
-        for i, value in enumerate(args):
-            number = self._handle_number(value)
-            if number is not None:
-                by_number[i] = number
-                positions.append(i)
-            elif not _plain_value(value):
-                return None
-        keywords = kwargs
-        for key, value in kwargs.items():
-            number = self._handle_number(value)
-            if number is not None:
-                if keywords is kwargs:
-                    keywords = dict(kwargs)
-                keywords[key] = number
-                positions.append(key)
+        for at, value in itertools.chain(enumerate(args), kwargs.items()):
+            if self._handle_number(value) is not None:
+                positions.append(at)
             elif not _plain_value(value):
                 return None
         if not positions:
             return None
-        return (tuple(by_number), keywords), positions
+        return lane_wire.replace_at((args, kwargs), positions, self._handle_number), positions
 
     def _handle_number(self, value: Any) -> int | None:
         kind = type(value)
@@ -970,13 +957,7 @@ PLAIN_TEXT_MAX = 256  # longer strings and bytes are pickled as before (and may 
 def _plain_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a call's arguments are only numbers, None and short strings: no array and no
     handle to stand in for, so the lane's pickle can carry them as they are."""
-    for value in (*args, *kwargs.values()):
-        kind = type(value)
-        if kind not in _PLAIN_SCALARS and not (
-            kind in _PLAIN_TEXT and len(value) <= PLAIN_TEXT_MAX
-        ):
-            return False
-    return True
+    return all(map(_plain_value, itertools.chain(args, kwargs.values())))
 
 
 def _plain_value(value: Any) -> bool:
@@ -994,17 +975,11 @@ def _pickle_argv(argv: Any, handles: list[int | str] | None) -> bytes:
     pickler's hook would have written them."""
     if not handles:
         return payload.dumps(argv, lambda _obj: None)
-    args, kwargs = list(argv[0]), dict(argv[1])
-    for position in handles:
-        if isinstance(position, int):
-            args[position] = _HandleNumber(args[position])
-        else:
-            kwargs[position] = _HandleNumber(kwargs[position])
 
     def hook(obj: Any) -> tuple[str, int] | None:
         return ("h", int(obj)) if type(obj) is _HandleNumber else None
 
-    return payload.dumps((tuple(args), kwargs), hook)
+    return payload.dumps(lane_wire.replace_at(argv, handles, _HandleNumber), hook)
 
 
 def _device_arrays(args: Any) -> set[int]:

@@ -63,7 +63,7 @@ def waits(cuda: Any) -> dict[str, Any]:
     def busy(ns: int) -> None:
         end = clock() + ns
         while clock() < end:
-            pass
+            pass  # the wait itself: nothing but the clock
 
     def recv_spin(ns: int) -> None:
         end = clock() + ns

@@ -34,6 +34,7 @@ import cloudpickle
 import numpy as np
 import zmq
 
+from ..wire import lane as lane_wire
 from ..wire import payload
 from ..wire.arena import ArenaMap
 from ..wire.messages import INLINE_BYTES
@@ -252,7 +253,11 @@ class DataPlane:
                 job.fn = self._function(job.fn_data)
             job.stage_wall = time.perf_counter()
             if job.argv is not None:  # plain values, as the lane brought them
-                job.staged = self._with_handles(job.argv, job.handles) if job.handles else job.argv
+                job.staged = (
+                    lane_wire.replace_at(job.argv, job.handles, self.lookup)
+                    if job.handles  # handle numbers (server.py checked their positions)
+                    else job.argv
+                )
             elif job.data == payload.EMPTY_ARGS:  # a call without arguments: nothing to load
                 job.staged = ((), {})
             else:
@@ -268,17 +273,6 @@ class DataPlane:
             return
         self.jobs[job.call_id] = job
         self.ready.append(job)
-
-    def _with_handles(self, argv: Any, handles: list[int | str]) -> tuple[Any, Any]:
-        """A lane's (args, kwargs) with the data named by the handle numbers at ``handles``
-        (server.py checked that each is a position holding an int)."""
-        args, kwargs = list(argv[0]), dict(argv[1])
-        for at in handles:
-            if type(at) is int:
-                args[at] = self.lookup(args[at])
-            else:
-                kwargs[at] = self.lookup(kwargs[at])
-        return tuple(args), kwargs
 
     def next_ready(self) -> Job | None:
         """The oldest staged invocation, taken off the queue (None if there is none)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 TOKEN_BYTES = 32
@@ -181,6 +182,23 @@ def _load(data: Any) -> tuple[str, dict[str, Any], tuple[Any, ...]]:
     if not isinstance(kind, str) or not isinstance(body, dict):
         raise LaneBroken("a lane message is (type, body, payload)")
     return kind, body, payload
+
+
+def replace_at(
+    argv: tuple[tuple[Any, ...], dict[str, Any]],
+    positions: list[int | str],
+    replace: Callable[[Any], Any],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A request's (args, kwargs) with the values at ``positions`` (indexes into args,
+    keywords; the ``handles`` field) replaced: handle numbers by what they name (executor),
+    or by markers that pickle as handles (a client's ZeroMQ fallback)."""
+    args, kwargs = list(argv[0]), dict(argv[1])
+    for at in positions:
+        if type(at) is int:
+            args[at] = replace(args[at])
+        else:
+            kwargs[at] = replace(kwargs[at])
+    return tuple(args), kwargs
 
 
 def peer_uid(sock: socket.socket) -> int:

@@ -433,6 +433,7 @@ class Session:
         self.executor_endpoint: str | None = lease["executor"]["endpoint"]
         self.executor_pid: int | None = lease["executor"].get("pid")
         self.generation: int = lease["executor"]["generation"]
+        self._idle_limit = float(lease.get("idle_timeout") or 0.0)  # idle_timeout, kept
 
     # -- what the user sees -------------------------------------------------------------
     @property
@@ -467,7 +468,7 @@ class Session:
     @property
     def idle_timeout(self) -> float:
         """Seconds of idleness after which the broker reclaims the slice (0: never)."""
-        return float(self.lease.get("idle_timeout") or 0.0)
+        return self._idle_limit
 
     def __repr__(self) -> str:
         state = (
@@ -484,25 +485,28 @@ class Session:
             raise LeaseEnded(f"lease {self.id} was detached from this session")
         if self.released:
             raise LeaseEnded(f"lease {self.id} was released")
-        if self.ended is None and self._near_idle_reclaim():
+        state = self._state
+        if state["ended"] is None and self._near_idle_reclaim():
             # The broker may be reclaiming it right now: ask instead of racing the reclaim.
             with contextlib.suppress(MigKernelError):
-                _note_heartbeat(self._state, self.broker.heartbeat([self.id]).get(self.id, {}))
-        if self.ended in RESTORABLE and self.reacquire:
+                _note_heartbeat(state, self.broker.heartbeat([self.id]).get(self.id, {}))
+        ended = state["ended"]
+        if not ended:
+            return
+        if ended in RESTORABLE and self.reacquire:
             self._reacquire()
             return
-        if self.ended:
-            raise LeaseEnded(
-                f"lease {self.id} was ended by the broker: {self.ended}", reason=self.ended
-            )
+        raise LeaseEnded(f"lease {self.id} was ended by the broker: {ended}", reason=ended)
 
     def _near_idle_reclaim(self, margin: float = 1.0) -> bool:
         """Whether the lease may have been idle for about its idle timeout by now."""
-        limit = self.idle_timeout
+        limit = self._idle_limit
         if limit <= 0:
             return False
         now = time.monotonic()
         idle = now - self._last_call
+        if idle <= limit - margin:  # (the heartbeat's figure can only make it shorter)
+            return False
         seen, at = self._state.get("idle_seconds"), self._state.get("idle_at")
         if seen is not None and at is not None:
             idle = min(idle, float(seen) + now - at)

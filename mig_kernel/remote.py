@@ -79,6 +79,8 @@ SPIN = (
 log = logging.getLogger("mig_kernel.client")
 # Plain ints: pyzmq's enum members cost an enum operation per test on the hot path.
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_DONTWAIT = int(_socket.MSG_DONTWAIT)
+_LANE_CHUNK = lane_wire.LaneReader.CHUNK
 CANCEL_GRACE = 3.0  # seconds an interrupted wait gives the executor to stop the call
 
 
@@ -388,7 +390,9 @@ class Invocation:
 
     def _resolve(self, value: Any = None, error: BaseException | None = None) -> None:
         self._value, self._error = value, error
-        self._conn.data.discard(self.outgoing)
+        out = self.outgoing
+        if out.regions or out.buffers:
+            self._conn.data.discard(out)
         self._finished = True
 
     def result(self, timeout: float | None = None) -> Any:
@@ -539,7 +543,7 @@ class ExecutorConnection:
             self._open_lane()
         if self.lane is not None:
             try:
-                lane_wire.send_packed(self.lane, lane_wire.pack(msg_type, body, frames_out))
+                lane_wire.send(self.lane, msg_type, body, frames_out)
                 return
             except lane_wire.LaneBroken as exc:
                 log.debug("the lane to %s broke (%s)", self.endpoint, exc)
@@ -637,7 +641,8 @@ class ExecutorConnection:
             else:
                 device = _device_arrays(args) if msg_type == "invoke" else None
                 data = payload.dumps(args, self._pickle_hook(out, device))
-            _check_frame_sizes(fn_data, data)
+            if argv is None:  # (else the function is small, and no arguments are pickled)
+                _check_frame_sizes(fn_data, data)
         except BaseException:
             self.data.discard(out)
             raise
@@ -667,21 +672,76 @@ class ExecutorConnection:
     def wait_for(self, invocation: Invocation, timeout: float | None) -> None:
         """Receive until ``invocation`` is done. An interrupt (Ctrl-C, a kernel interrupt)
         cancels the call on the executor before it propagates."""
-        deadline = time.monotonic() + timeout if timeout is not None else None
-        self.spin_until = time.monotonic() + SPIN if SPIN > 0 else 0.0
+        now = time.monotonic()
+        deadline = now + timeout if timeout is not None else None
+        self.spin_until = now + SPIN if SPIN > 0 else 0.0
         try:
-            while not invocation.done():
+            if self._quick_wait(invocation):
+                return
+            while not invocation._finished:
                 with self.lock:
-                    if invocation.done():
+                    if invocation._finished:
                         return
                     self._receive_some(POLL_SLICE)
-                    if not invocation.done():
+                    if not invocation._finished:
                         self._probe(invocation)
                 if deadline is not None and time.monotonic() > deadline and not invocation.done():
                     raise TimeoutError(f"no result from the slice within {timeout:g} s")
         except KeyboardInterrupt:
             self.cancel(invocation)
             raise
+
+    def _quick_wait(self, invocation: Invocation) -> bool:
+        """The usual wait in fewer steps (after a long call every step runs from cold caches,
+        so each one counts: docs/performance.md): the lane alone, spun on until something
+        comes or the spin window ends, nothing read ahead. A plain result of this call
+        resolves it here; any other whole message is handled as ``_receive_some`` would; a
+        part of one, or more than one, is left to the lane's reader, and anything unusual
+        (end of stream, an error) to the full wait, which meets it again. True when the call
+        is done; ``wait_for`` goes on otherwise (not spinning again if the window ran out)."""
+        sock, reader = self.lane, self.lane_reader
+        if sock is None or reader is None or reader.rest or not self.spin_until:
+            return invocation._finished
+        recv, clock, until = sock.recv, time.monotonic, self.spin_until
+        spins = 0
+        with self.lock:
+            while not invocation._finished:
+                try:
+                    data = recv(_LANE_CHUNK, _DONTWAIT)
+                except BlockingIOError:
+                    spins += 1
+                    if spins & 31 == 0:
+                        if clock() >= until:
+                            self.spin_until = 0.0
+                            return False
+                        os.sched_yield()
+                    continue
+                except OSError:
+                    return False
+                if not data:
+                    return False
+                try:
+                    message = lane_wire.whole_message(data)
+                except lane_wire.LaneBroken as exc:
+                    log.debug("the lane to %s broke (%s)", self.endpoint, exc)
+                    self._close_lane()
+                    return invocation._finished
+                if message is None:
+                    reader.rest = data
+                    return False
+                kind, body, frames = message
+                if (
+                    kind == "result"
+                    and "value" in body
+                    and body.get("call_id") == invocation.call_id
+                    and self.pending.pop(invocation.call_id, None) is invocation
+                ):
+                    self.silence.heard(None)
+                    invocation.timings = body.get("timings") or {}
+                    invocation._resolve(body["value"])
+                    return True
+                self._handle_message(Message(kind, body, b"", 0.0, payload=list(frames)))
+        return True
 
     def _probe(self, invocation: Invocation) -> None:
         """Ping a silent executor; end the wait if it stays silent (liveness.py)."""

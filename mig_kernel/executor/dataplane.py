@@ -285,17 +285,23 @@ class DataPlane:
     def _function(self, data: bytes) -> Any:
         """Unpickle a function, or take it from the cache: the same bytes are the same function
         (cloudpickle captured its globals by value when the client pickled it)."""
-        digest = hashlib.blake2b(data, digest_size=16).digest()
-        fn = self.functions.get(digest)
+        # Keyed by a small pickle itself (no digest per call), by a digest of a large one (or
+        # of a frame received in place, which is no key).
+        key = (
+            data
+            if type(data) is bytes and len(data) <= INLINE_BYTES
+            else hashlib.blake2b(data, digest_size=16).digest()
+        )
+        fn = self.functions.get(key)
         if fn is None:
             fn = cloudpickle.loads(data)
             if not callable(fn):
                 raise TypeError(f"the invocation's function is a {type(fn).__name__}")
-            self.functions[digest] = fn
+            self.functions[key] = fn
             if len(self.functions) > 256:
                 self.functions.popitem(last=False)
         else:
-            self.functions.move_to_end(digest)
+            self.functions.move_to_end(key)
         return fn
 
     def fetch(self, job: Job) -> None:
@@ -397,7 +403,9 @@ class DataPlane:
             timings = {
                 "stage_in_ms": self.runtime.elapsed_ms(
                     job.copy_start, job.ready_event, job.stage_wall
-                ),
+                )
+                if job.copy_start is not None
+                else job.stage_wall * 1e3,
                 "compute_ms": (time.perf_counter() - started) * 1e3,
                 "input_bytes": job.input_bytes,
             }
@@ -416,7 +424,8 @@ class DataPlane:
         except BaseException as exc:
             return self._error_reply(job, self._explain_memory(exc))
         finally:
-            self._release(job.input_bytes)  # inputs die with the call unless returned
+            if job.input_bytes:
+                self._release(job.input_bytes)  # inputs die with the call unless returned
             self.last_active = time.time()
             self.busy_seconds += time.monotonic() - began
 
@@ -463,7 +472,8 @@ class DataPlane:
         finally:
             # As at the end of a cell: figures the call made are shown (and closed) now,
             # before its result is pickled and while its output still goes to the caller.
-            self.display.after_call()
+            if self.display.shell is not None:
+                self.display.after_call()
             self.stdout.detach()
             self.stderr.detach()
 
@@ -718,7 +728,8 @@ class _Stream(io.TextIOBase):
         self.job, self.buffer_, self.last = job, [], time.monotonic()
 
     def detach(self) -> None:
-        self.flush()
+        if self.buffer_:
+            self.flush()
         self.job = None
 
     def write(self, text: str) -> int:

@@ -149,8 +149,9 @@ class ExecutorServer:
         """Serve and run calls until shutdown (or a rekey that retires this executor)."""
         self.dataplane.runner_ident = threading.get_ident()
         self.watcher.start()
+        dataplane = self.dataplane
         while self.running:
-            job = self.dataplane.next_ready()
+            job = dataplane.next_ready() if dataplane.ready else None
             if job is None:
                 spinning = time.monotonic() < self.spin_until
                 if spinning and self._spin_lanes():
@@ -715,7 +716,8 @@ class ExecutorServer:
         return Job(kind, route, call_id, msg.body, data, fn_data, msg.payload[2:])
 
     def tenant_invoke(self, msg: Message, route: bytes) -> None:
-        self._free_carried(msg)
+        if "free" in msg.body:
+            self._free_carried(msg)
         self.dataplane.submit(self._job("invoke", msg, route, True))
 
     def _free_carried(self, msg: Message) -> None:

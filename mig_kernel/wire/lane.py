@@ -52,7 +52,7 @@ class LaneBroken(OSError):
 
 
 def pack(kind: str, body: dict[str, Any], payload: Any = ()) -> bytes:
-    frames = tuple(bytes(f) if isinstance(f, memoryview) else f for f in payload)
+    frames = tuple(bytes(f) if isinstance(f, memoryview) else f for f in payload) if payload else ()
     data = pickle.dumps((kind, body, frames), protocol=_PROTOCOL)
     return _LENGTH.pack(len(data)) + data
 
@@ -60,6 +60,15 @@ def pack(kind: str, body: dict[str, Any], payload: Any = ()) -> bytes:
 def send_packed(sock: socket.socket, message: bytes) -> None:
     """Send a whole packed message (``make_blocking``: a peer that reads nothing for
     ``SEND_TIMEOUT`` breaks the lane)."""
+    try:
+        sock.sendall(message)
+    except OSError as exc:  # timeout included: a peer that does not read breaks the lane
+        raise LaneBroken(f"lane send failed: {exc}") from None
+
+
+def send(sock: socket.socket, kind: str, body: dict[str, Any], payload: Any = ()) -> None:
+    """``send_packed(sock, pack(...))`` with one Python call fewer (the client's requests)."""
+    message = pack(kind, body, payload)
     try:
         sock.sendall(message)
     except OSError as exc:  # timeout included: a peer that does not read breaks the lane
@@ -159,6 +168,15 @@ class LaneReader:
             message = memoryview(data)[HEADER_BYTES:end]
             self.rest = data[end:]
         return _load(message)
+
+
+def whole_message(data: bytes) -> tuple[str, dict[str, Any], tuple[Any, ...]] | None:
+    """``data`` read, taken apart if it is exactly one whole message (what one ``recv`` of a
+    reply usually reads), else None: a part of one, or more than one, is ``LaneReader``'s to
+    take (its ``rest``). Raises LaneBroken on garbage."""
+    if len(data) < HEADER_BYTES or HEADER_BYTES + _LENGTH.unpack_from(data)[0] != len(data):
+        return None
+    return _load(memoryview(data)[HEADER_BYTES:])
 
 
 def _fill(sock: socket.socket, view: memoryview) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import operator
 import pickle
 import sys
@@ -172,34 +173,38 @@ class FunctionPickles:
 
     def __init__(self, max_entries: int = 256) -> None:
         self.max_entries = max_entries
-        self._entries: weakref.WeakKeyDictionary[types.FunctionType, _Entry]
-        self._entries = weakref.WeakKeyDictionary()
-        self._by_code: weakref.WeakKeyDictionary[types.CodeType, _Entry]
-        self._by_code = weakref.WeakKeyDictionary()
+        # id(function) and id(code) -> (weak reference, entry): a lookup is a dict get and a
+        # dereference, no Python call (WeakKeyDictionary.get is one, making a weak reference
+        # each time); a hit is one whose reference still gives that very object.
+        self._entries: dict[int, tuple[weakref.ref[Any], _Entry]] = {}
+        self._by_code: dict[int, tuple[weakref.ref[Any], _Entry]] = {}
         self._lock = threading.Lock()
 
     def dumps(self, fn: Any) -> bytes:
         if type(fn) is not types.FunctionType:
             return dumps_function(fn)
+        code = fn.__code__
         with self._lock:
-            entry = self._entries.get(fn)
-            if entry is None:
-                entry = self._by_code.get(fn.__code__)
-        if entry is not None and entry.still_valid(fn):
-            return entry.data
+            hit = self._entries.get(id(fn))
+            if hit is None or hit[0]() is not fn:
+                hit = self._by_code.get(id(code))
+                if hit is not None and hit[0]() is not code:
+                    hit = None
+        if hit is not None and hit[1].still_valid(fn):
+            return hit[1].data
         data = dumps_function(fn)
         fresh = _entry_for(fn, data)
         with self._lock:
             if fresh is None:
-                self._entries.pop(fn, None)
-                self._by_code.pop(fn.__code__, None)
+                self._entries.pop(id(fn), None)
+                self._by_code.pop(id(code), None)
             else:
                 if len(self._entries) >= self.max_entries:
                     self._entries.clear()
                     self._by_code.clear()
-                self._entries[fn] = fresh
+                self._entries[id(fn)] = (weakref.ref(fn), fresh)
                 if not fresh.by_reference:  # by name: only that very function resolves
-                    self._by_code[fn.__code__] = fresh
+                    self._by_code[id(code)] = (weakref.ref(code), fresh)
         return data
 
 
@@ -277,21 +282,26 @@ _MISSING = object()  # a referenced global that does not exist (yet)
 _EMPTY_CELL = object()
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _BASE_GLOBALS = ("__package__", "__name__", "__path__", "__file__")
-_code_names: weakref.WeakKeyDictionary[types.CodeType, tuple[str, ...]]
-_code_names = weakref.WeakKeyDictionary()
+# id(code) -> (weak reference, names), as FunctionPickles keeps its entries
+_code_names: dict[int, tuple[weakref.ref[Any], tuple[str, ...]]] = {}
+_CODE_NAMES_MAX = 4096
 
 
 def _names(code: types.CodeType) -> tuple[str, ...]:
     """Every name the code (and code nested in it) refers to, and the base globals: a
     superset of the globals cloudpickle captures."""
-    names = _code_names.get(code)
-    if names is None:
-        found = dict.fromkeys(code.co_names)
-        for const in code.co_consts:
-            if isinstance(const, types.CodeType):
-                found.update(dict.fromkeys(_names(const)))
-        found.update(dict.fromkeys(_BASE_GLOBALS))
-        names = _code_names[code] = tuple(found)
+    hit = _code_names.get(id(code))
+    if hit is not None and hit[0]() is code:
+        return hit[1]
+    found = dict.fromkeys(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found.update(dict.fromkeys(_names(const)))
+    found.update(dict.fromkeys(_BASE_GLOBALS))
+    if len(_code_names) >= _CODE_NAMES_MAX:
+        _code_names.clear()
+    names = tuple(found)
+    _code_names[id(code)] = (weakref.ref(code), names)
     return names
 
 
@@ -305,7 +315,8 @@ def _snapshot(fn: types.FunctionType) -> Snapshot | None:
     if fn.__dict__ or (annotations and any(type(v) is not str for v in annotations.values())):
         return None
     glob = fn.__globals__
-    captured = [glob.get(name, _MISSING) for name in _names(fn.__code__)]
+    names = _names(fn.__code__)
+    captured = list(map(glob.get, names, itertools.repeat(_MISSING, len(names))))
     if fn.__closure__:
         captured += map(_cell_value, fn.__closure__)
     if fn.__defaults__:

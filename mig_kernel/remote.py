@@ -33,6 +33,7 @@ import socket as _socket
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +76,12 @@ SPIN = (
     )
     / 1e6
 )
+
+# While it spins, a waiting client rehearses what follows the wait every this many seconds
+# (``ExecutorConnection._rehearse``): after a long call every step runs from cold caches, at
+# several times its warm cost, unless it ran shortly before (docs/performance.md, "Keeping the
+# steps warm"). MIG_KERNEL_REHEARSE_US overrides it (0: never).
+REHEARSE = float(os.environ.get("MIG_KERNEL_REHEARSE_US", "200")) / 1e6
 
 log = logging.getLogger("mig_kernel.client")
 # Plain ints: pyzmq's enum members cost an enum operation per test on the hot path.
@@ -456,6 +463,12 @@ class ExecutorConnection:
         self.lane_reader: lane_wire.LaneReader | None = None
         self.lane_tried = self.transport == TCP or os.environ.get("MIG_KERNEL_LANE") == "0"
         self.spin_until = 0.0
+        # What ``_rehearse`` runs again: the latest plain result read whole, the latest request
+        # sent by the lane (type, body) and its function (a weak reference).
+        self.last_reply: bytes = b""
+        self.last_request: tuple[str, dict[str, Any]] | None = None
+        self.last_function: weakref.ref[Any] | None = None
+        self.rehearsals = 0  # how often it did (for tests and benchmarks)
 
     def close(self) -> None:
         with self.lock:
@@ -535,6 +548,21 @@ class ExecutorConnection:
                     return False
                 os.sched_yield()
 
+    def _rehearse(self) -> None:
+        """Run again, to no effect, the steps that follow a wait: reading a plain result (the
+        latest one), and the next request of the same function (its pickle cache's check,
+        the request's pickle). A step that ran shortly before runs at its warm cost; after
+        20 ms of waiting, at several times that (docs/performance.md). Nothing is sent,
+        stored or changed."""
+        if self.last_reply:
+            lane_wire.whole_message(self.last_reply)
+        function = self.last_function() if self.last_function is not None else None
+        if function is not None:
+            _FUNCTIONS.rehearse(function)
+        if self.last_request is not None:
+            lane_wire.pack(*self.last_request)
+        self.rehearsals += 1
+
     # ---------------------------------------------------------------- sending
     def _send(self, msg_type: str, body: dict[str, Any], *frames_out: Any) -> None:
         if self.lost:
@@ -544,6 +572,7 @@ class ExecutorConnection:
         if self.lane is not None:
             try:
                 lane_wire.send(self.lane, msg_type, body, frames_out)
+                self.last_request = (msg_type, body)
                 return
             except lane_wire.LaneBroken as exc:
                 log.debug("the lane to %s broke (%s)", self.endpoint, exc)
@@ -621,6 +650,8 @@ class ExecutorConnection:
         call_id = _call_id()
         try:
             fn_data = _FUNCTIONS.dumps(fn) if fn is not None else b""
+            if type(fn) is types.FunctionType:
+                self.last_function = weakref.ref(fn)
             argv = None
             if msg_type == "invoke" and not args[0] and not args[1]:  # (args, kwargs)
                 data = payload.EMPTY_ARGS
@@ -703,6 +734,8 @@ class ExecutorConnection:
         if sock is None or reader is None or reader.rest or not self.spin_until:
             return invocation._finished
         recv, clock, until = sock.recv, time.monotonic, self.spin_until
+        every = REHEARSE
+        due = clock() + every if every > 0 else until
         spins = 0
         with self.lock:
             while not invocation._finished:
@@ -711,10 +744,15 @@ class ExecutorConnection:
                 except BlockingIOError:
                     spins += 1
                     if spins & 31 == 0:
-                        if clock() >= until:
+                        now = clock()
+                        if now >= until:
                             self.spin_until = 0.0
                             return False
-                        os.sched_yield()
+                        if every > 0 and now >= due:
+                            self._rehearse()
+                            due = clock() + every
+                        else:
+                            os.sched_yield()
                     continue
                 except OSError:
                     return False
@@ -739,6 +777,7 @@ class ExecutorConnection:
                     self.silence.heard(None)
                     invocation.timings = body.get("timings") or {}
                     invocation._resolve(body["value"])
+                    self.last_reply = data
                     return True
                 self._handle_message(Message(kind, body, b"", 0.0, payload=list(frames)))
         return True

@@ -265,3 +265,35 @@ def test_idle_reclaim_spills_and_restores_device_arrays(tmp_path: Path) -> None:
         session.release()
     finally:
         broker.stop()
+
+
+SPIN_KERNEL = r"""
+extern "C" __global__ void spin(long long ns) {
+    long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+"""
+
+
+def test_a_long_gpu_call_rehearses_what_follows_and_changes_nothing(gpu_session) -> None:
+    """While a call's GPU work runs, the executor rehearses the steps after it (polling the
+    stream, executor/dataplane.py); the call and the next ones come back as without it."""
+    import numpy as np
+
+    def spin_then_double(a, ns, source):
+        kernel = xp.RawKernel(source, "spin")  # noqa: F821 (xp: the slice's CuPy)
+        kernel((1,), (1,), (ns,))
+        return a * 2
+
+    a = gpu_session.put(np.arange(1000, dtype=np.float32))
+    invocation = gpu_session.submit(spin_then_double, a, 20_000_000, SPIN_KERNEL)
+    doubled = invocation.result()
+    np.testing.assert_array_equal(doubled.get(), np.arange(1000, dtype=np.float32) * 2)
+    rehearsals = invocation.timings.get("rehearsals", 0)
+    assert rehearsals >= 10, invocation.timings  # every 200 us of a 20 ms kernel
+    again = gpu_session.submit(spin_then_double, doubled, 5_000_000, SPIN_KERNEL)
+    np.testing.assert_array_equal(again.result().get(), np.arange(1000, dtype=np.float32) * 4)
+    record("rehearsals.json", {"20ms": invocation.timings, "5ms": again.timings})

@@ -18,7 +18,11 @@ ways:
 - ``cuda_sync``: a spin kernel of length ``L`` and ``stream.synchronize()`` (the default
   schedule), as the executor waits for a call;
 - ``cuda_blocking``: the same in a process whose device flags are
-  ``cudaDeviceScheduleBlockingSync`` (the thread sleeps in the driver), run as a subprocess.
+  ``cudaDeviceScheduleBlockingSync`` (the thread sleeps in the driver), run as a subprocess;
+- ``busy_rehearse_1ms``, ``busy_rehearse_200us``: the busy loop, running the piece of work
+  itself every 1 ms (200 us) while it waits: does the work stay warm if it is rehearsed?
+- ``cuda_poll_rehearse_1ms``: the spin kernel, waited for by polling the stream (``done``)
+  and rehearsing the piece every 1 ms.
 
 p50 of each, us: ``work`` (the first piece after the wait), ``work_again`` (the same piece at
 once after it: is the cost paid once, as cold caches would be, or all along, as a slower
@@ -77,7 +81,24 @@ def waits(cuda: Any) -> dict[str, Any]:
         if ns:
             time.sleep(ns / 1e9)
 
-    found: dict[str, Any] = {"busy": busy, "recv_spin": recv_spin, "sleep": sleep}
+    def rehearsing(every_ns: int) -> Any:
+        def wait(ns: int) -> None:
+            end = clock() + ns
+            due = clock() + every_ns
+            while (now := clock()) < end:
+                if now >= due:
+                    work()
+                    due = clock() + every_ns
+
+        return wait
+
+    found: dict[str, Any] = {
+        "busy": busy,
+        "recv_spin": recv_spin,
+        "sleep": sleep,
+        "busy_rehearse_1ms": rehearsing(1_000_000),
+        "busy_rehearse_200us": rehearsing(200_000),
+    }
     if cuda is not None:
         kernel, stream = cuda
 
@@ -86,7 +107,18 @@ def waits(cuda: Any) -> dict[str, Any]:
                 kernel((1,), (1,), (ns,))
             stream.synchronize()
 
+        def cuda_poll_rehearse(ns: int) -> None:
+            with stream:
+                kernel((1,), (1,), (ns,))
+            due = clock() + 1_000_000
+            while not stream.done:
+                if clock() >= due:
+                    work()
+                    due = clock() + 1_000_000
+            stream.synchronize()
+
         found["cuda_sync"] = cuda_sync
+        found["cuda_poll_rehearse_1ms"] = cuda_poll_rehearse
     found["_keep"] = (a, b)
     return found
 

@@ -19,6 +19,8 @@ import hashlib
 import io
 import itertools
 import json
+import logging
+import os
 import pickle
 import sys
 import threading
@@ -42,7 +44,13 @@ from . import simxp
 from .display import DisplayBridge
 from .runtime import CAP_EXCEEDED, Runtime, cap_message, needed_bytes
 
+log = logging.getLogger("mig_kernel.executor")
 STREAMS = "inproc://executor-streams"  # what a running call prints, to the socket's holder
+# While a call's GPU work runs, the main thread rehearses the steps that follow it every this
+# many seconds (server.py, ``_rehearse``), polling the stream instead of synchronizing: after
+# a long wait every step runs from cold caches, at several times its warm cost, unless it ran
+# shortly before (docs/performance.md). MIG_KERNEL_REHEARSE_US overrides it (0: never).
+REHEARSE = float(os.environ.get("MIG_KERNEL_REHEARSE_US", "200")) / 1e6
 
 # (route, message type, body, payload frames): a reply to the lease holder, sent by the thread
 # that holds the socket
@@ -82,6 +90,7 @@ class Job:
     run_started: float = 0.0  # monotonic, once it runs (the watcher takes over after a while)
     deadline: float = float("inf")  # epoch seconds its timeout ends, once it runs
     cancelled: bool = False  # the caller gave up on it before it ran
+    rehearsals: int = 0  # how often what follows it was rehearsed while its GPU work ran
 
 
 class DataPlane:
@@ -107,6 +116,7 @@ class DataPlane:
         self.current: Job | None = None  # the call running now
         self.runner_ident = threading.get_ident()  # the thread that runs calls (cancel)
         self.call_started: Callable[[], None] = lambda: None  # the server wakes its watcher
+        self.rehearse: Callable[[], None] | None = None  # the server's, while a call waits
         self.cancel_lock = threading.Lock()  # orders a cancel against the end of a call
         self.interrupting = False  # a cancel raised KeyboardInterrupt in the running call
         self.streamed = 0  # stream messages queued so far (the result waits for them)
@@ -250,7 +260,7 @@ class DataPlane:
         """Stage an invocation now and queue it to run; errors go to the caller."""
         try:
             if job.fn_data:
-                job.fn = self._function(job.fn_data)
+                job.fn = self.function(job.fn_data)
             job.stage_wall = time.perf_counter()
             if job.argv is not None:  # plain values, as the lane brought them
                 job.staged = (
@@ -282,9 +292,10 @@ class DataPlane:
         self.jobs.pop(job.call_id, None)
         return job
 
-    def _function(self, data: bytes) -> Any:
+    def function(self, data: bytes, load: bool = True) -> Any:
         """Unpickle a function, or take it from the cache: the same bytes are the same function
-        (cloudpickle captured its globals by value when the client pickled it)."""
+        (cloudpickle captured its globals by value when the client pickled it). Without
+        ``load``, only the look-up (None if it is not cached; the cache's order is kept)."""
         # Keyed by a small pickle itself (no digest per call), by a digest of a large one (or
         # of a frame received in place, which is no key).
         key = (
@@ -293,6 +304,8 @@ class DataPlane:
             else hashlib.blake2b(data, digest_size=16).digest()
         )
         fn = self.functions.get(key)
+        if not load:
+            return fn
         if fn is None:
             fn = cloudpickle.loads(data)
             if not callable(fn):
@@ -409,6 +422,8 @@ class DataPlane:
                 "compute_ms": (time.perf_counter() - started) * 1e3,
                 "input_bytes": job.input_bytes,
             }
+            if job.rehearsals:
+                timings["rehearsals"] = job.rehearsals
             job.staged = None  # inputs may die now (and go back to the pool)
             body = {"call_id": job.call_id, "timings": timings}
             if type(result) in _PLAIN and type(job.route) is str:
@@ -465,7 +480,10 @@ class DataPlane:
                     result = fn(*args, **kwargs)
                 if trace is not None:
                     trace.append(time.perf_counter_ns())  # launched
-                stream.synchronize()
+                if REHEARSE > 0 and self.rehearse is not None:
+                    job.rehearsals = self._await(stream)
+                else:
+                    stream.synchronize()
             if trace is not None:
                 trace.append(time.perf_counter_ns())  # synchronized
             return result
@@ -476,6 +494,28 @@ class DataPlane:
                 self.display.after_call()
             self.stdout.detach()
             self.stderr.detach()
+
+    def _await(self, stream: Any) -> int:
+        """``stream.synchronize()``, rehearsing what follows every ``REHEARSE`` seconds while
+        the stream works (``rehearse``: the server's); returns how often. The thread polls
+        the stream, as CUDA's own synchronize spins on its work; each rehearsal also lets
+        other threads run (the watcher, the call's own). A rehearsal that fails is a bug: it
+        is logged once and rehearsals stop (``rehearse`` becomes None); the call goes on."""
+        rehearse, clock = self.rehearse, time.perf_counter
+        due = clock() + REHEARSE
+        count = 0
+        while rehearse is not None and not stream.done:
+            if clock() >= due:
+                try:
+                    rehearse()
+                    count += 1
+                except Exception:
+                    log.exception("rehearsing the steps after a call failed; rehearsals stop")
+                    self.rehearse = rehearse = None
+                time.sleep(0)
+                due = clock() + REHEARSE
+        stream.synchronize()  # at once: for the errors of the stream's work, as before
+        return count
 
     def _explain_memory(self, exc: BaseException) -> BaseException:
         """An out-of-memory error of the running call (CuPy's pool limit on a GPU, the data

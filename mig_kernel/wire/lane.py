@@ -129,6 +129,7 @@ class LaneReader:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.rest = b""  # bytes read past the last whole message
+        self.last: Any = b""  # the latest message read whole in one chunk, header and all
 
     def buffered(self) -> bool:
         """Whether a whole message was read already (``next`` returns it without a call)."""
@@ -165,8 +166,10 @@ class LaneReader:
             _fill(self.sock, view[have:])
             self.rest = b""
         else:
-            message = memoryview(data)[HEADER_BYTES:end]
+            whole = memoryview(data)[:end]
+            message = whole[HEADER_BYTES:]
             self.rest = data[end:]
+            self.last = whole
         return _load(message)
 
 

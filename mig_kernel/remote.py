@@ -79,8 +79,8 @@ SPIN = (
 
 # While it spins, a waiting client rehearses what follows the wait every this many seconds
 # (``ExecutorConnection._rehearse``): after a long call every step runs from cold caches, at
-# several times its warm cost, unless it ran shortly before (docs/performance.md, "Keeping the
-# steps warm"). MIG_KERNEL_REHEARSE_US overrides it (0: never).
+# several times its warm cost, unless it ran shortly before (docs/performance.md, "GPU machine:
+# the third pass"). MIG_KERNEL_REHEARSE_US overrides it (0: never).
 REHEARSE = float(os.environ.get("MIG_KERNEL_REHEARSE_US", "200")) / 1e6
 
 log = logging.getLogger("mig_kernel.client")
@@ -526,9 +526,13 @@ class ExecutorConnection:
             return True
         if message is None:
             return False
+        self._handle_lane(message)
+        return True
+
+    def _handle_lane(self, message: tuple[str, dict[str, Any], tuple[Any, ...]]) -> None:
+        """A message the lane brought: unsigned (the kernel vouches for its sender)."""
         kind, body, frames = message
         self._handle_message(Message(kind, body, b"", 0.0, payload=list(frames)))
-        return True
 
     def _spin(self) -> bool:
         """Poll the lane without sleeping until something comes (True) or the spin window
@@ -571,7 +575,7 @@ class ExecutorConnection:
             self._open_lane()
         if self.lane is not None:
             try:
-                lane_wire.send(self.lane, msg_type, body, frames_out)
+                lane_wire.send_packed(self.lane, lane_wire.pack(msg_type, body, frames_out))
                 self.last_request = (msg_type, body)
                 return
             except lane_wire.LaneBroken as exc:
@@ -735,7 +739,7 @@ class ExecutorConnection:
             return invocation._finished
         recv, clock, until = sock.recv, time.monotonic, self.spin_until
         every = REHEARSE
-        due = clock() + every if every > 0 else until
+        due = clock() + every if every > 0 else until  # (0: the window ends first)
         spins = 0
         with self.lock:
             while not invocation._finished:
@@ -748,7 +752,7 @@ class ExecutorConnection:
                         if now >= until:
                             self.spin_until = 0.0
                             return False
-                        if every > 0 and now >= due:
+                        if now >= due:
                             self._rehearse()
                             due = clock() + every
                         else:
@@ -767,7 +771,7 @@ class ExecutorConnection:
                 if message is None:
                     reader.rest = data
                     return False
-                kind, body, frames = message
+                kind, body, _ = message
                 if (
                     kind == "result"
                     and "value" in body
@@ -779,7 +783,7 @@ class ExecutorConnection:
                     invocation._resolve(body["value"])
                     self.last_reply = data
                     return True
-                self._handle_message(Message(kind, body, b"", 0.0, payload=list(frames)))
+                self._handle_lane(message)
         return True
 
     def _probe(self, invocation: Invocation) -> None:

@@ -490,8 +490,7 @@ class DataPlane:
         finally:
             # As at the end of a cell: figures the call made are shown (and closed) now,
             # before its result is pickled and while its output still goes to the caller.
-            if self.display.shell is not None:
-                self.display.after_call()
+            self.display.after_call()
             self.stdout.detach()
             self.stderr.detach()
 

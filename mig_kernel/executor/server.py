@@ -353,10 +353,11 @@ class ExecutorServer:
         says why): the latest request its lane brought, unpickled, checked, made a job and
         its function looked up; and a result's pickle. Nothing is sent, queued or changed."""
         job = self.dataplane.current
-        lane = self.lanes.by_route.get(job.route) if job is not None and job.route else None
-        if lane is None or not lane.reader.last:  # (a ZeroMQ route is bytes: no lane)
+        lane = self.lanes.by_route.get(job.route) if job is not None else None
+        last = lane.reader.last if lane is not None else None  # (a ZeroMQ route: no lane)
+        if not last:
             return
-        message = lane_wire.whole_message(lane.reader.last)
+        message = lane_wire.whole_message(last)
         if message is None or message[0] != "invoke":
             return
         kind, body, payload = message

@@ -66,15 +66,6 @@ def send_packed(sock: socket.socket, message: bytes) -> None:
         raise LaneBroken(f"lane send failed: {exc}") from None
 
 
-def send(sock: socket.socket, kind: str, body: dict[str, Any], payload: Any = ()) -> None:
-    """``send_packed(sock, pack(...))`` with one Python call fewer (the client's requests)."""
-    message = pack(kind, body, payload)
-    try:
-        sock.sendall(message)
-    except OSError as exc:  # timeout included: a peer that does not read breaks the lane
-        raise LaneBroken(f"lane send failed: {exc}") from None
-
-
 def _exactly(sock: socket.socket, nbytes: int, first: bytes = b"") -> bytes:
     if not first:  # the usual case: one call (the sender wrote the message whole)
         try:

@@ -101,3 +101,27 @@ def test_a_client_rehearses_while_it_spins_and_gets_every_result(make_broker, mo
         np.testing.assert_array_equal(array.get(), np.arange(4))
         with pytest.raises(ZeroDivisionError):
             session.run(lambda: 1 / 0)
+
+
+def test_a_peek_rehearses_a_receive_and_reads_nothing() -> None:
+    """The executor's rehearsal looks at its lane (``peek``): it must neither wait, nor take
+    what has come, nor fail on a lane whose peer has gone."""
+    import socket
+
+    from mig_kernel.wire import lane as lane_wire
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        lane_wire.make_blocking(ours)
+        started = time.perf_counter()
+        lane_wire.peek(ours)  # nothing has come: returns at once
+        assert time.perf_counter() - started < 1.0
+        request = lane_wire.pack("invoke", {"call_id": "c1"}, ())
+        theirs.sendall(request)
+        lane_wire.peek(ours)
+        lane_wire.peek(ours)
+        assert lane_wire.LaneReader(ours).next(wait=False) == ("invoke", {"call_id": "c1"}, ())
+        theirs.close()
+        lane_wire.peek(ours)  # end of stream: shown by the next read, not by the peek
+        with pytest.raises(lane_wire.LaneBroken):
+            lane_wire.LaneReader(ours).next(wait=False)

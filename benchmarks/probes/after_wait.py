@@ -27,6 +27,11 @@ ways:
 p50 of each, us: ``work`` (the first piece after the wait), ``work_again`` (the same piece at
 once after it: is the cost paid once, as cold caches would be, or all along, as a slower
 clock would be?) and ``launch_sync`` (an empty kernel launched and synchronized after them).
+
+``message``: the system calls alone, a 140-byte message sent and received on a Unix socket
+pair right after waiting ``busy``, ``recv_spin`` (on another pair), or ``busy_peek_200us``
+(a non-blocking ``recv`` with ``MSG_PEEK`` on the pair every 200 us, which reads nothing:
+the executor's rehearsal of its lane's receive, wire/lane.py ``peek``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from broker_bench import percentile
 from overhead_sweep import SPIN_SOURCE
+
+from mig_kernel.wire import lane as lane_wire
 
 LENGTHS_US = (0, 1000, 5000, 20000)
 MESSAGE = {"call_id": 17, "fn": b"x" * 40, "args": (1, 2.5, "abc"), "timeout": None}
@@ -165,6 +172,40 @@ def measure(reps: int, cuda: Any) -> dict[str, Any]:
     return out
 
 
+def measure_message(reps: int) -> dict[str, Any]:
+    """``message`` of the docstring: p50 us of a send and its receive after each wait."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle, _ = socket.socketpair()
+    idle.setblocking(False)
+    payload = b"m" * 140
+    clock = time.perf_counter_ns
+
+    def busy_peek(ns: int) -> None:
+        end = clock() + ns
+        due = clock() + 200_000
+        while (now := clock()) < end:
+            if now >= due:
+                lane_wire.peek(b)
+                due = clock() + 200_000
+
+    kinds = waits(None)
+    found = {"busy": kinds["busy"], "recv_spin": kinds["recv_spin"], "busy_peek_200us": busy_peek}
+    out: dict[str, Any] = {}
+    for length in LENGTHS_US:
+        ns = length * 1000
+        samples: dict[str, list[float]] = {k: [] for k in found}
+        for _ in range(reps if length <= 5000 else max(20, reps // 4)):
+            for name, wait in found.items():
+                wait(ns)
+                t0 = clock()
+                a.send(payload)
+                b.recv(4096)
+                samples[name].append((clock() - t0) / 1e3)
+        out[f"{length}us"] = {k: round(percentile(v, 50), 2) for k, v in samples.items()}
+        print("message", length, out[f"{length}us"], flush=True)
+    return out
+
+
 def cuda_setup(blocking: bool) -> Any:
     try:
         import cupy
@@ -198,6 +239,7 @@ def main() -> None:
     cuda = cuda_setup(blocking=False)
     result: dict[str, Any] = {"cpus": os.cpu_count(), "load": os.getloadavg()}
     result["default"] = measure(args.reps, cuda)
+    result["message"] = measure_message(args.reps)
     if cuda is not None:
         child = subprocess.run(
             [sys.executable, __file__, "--blocking-child", "--reps", str(args.reps)],

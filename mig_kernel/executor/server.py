@@ -350,11 +350,15 @@ class ExecutorServer:
     def _rehearse(self) -> None:
         """Run again, to no effect, the steps that follow the running call and read the next
         request (the data plane calls it while the call's GPU work runs; dataplane.REHEARSE
-        says why): the latest request its lane brought, unpickled, checked, made a job and
-        its function looked up; and a result's pickle. Nothing is sent, queued or changed."""
+        says why): a receive on its lane that reads nothing (``peek``), the latest request
+        the lane brought, unpickled, checked, made a job and its function looked up; and a
+        result's pickle. Nothing is sent, queued or changed."""
         job = self.dataplane.current
         lane = self.lanes.by_route.get(job.route) if job is not None else None
-        last = lane.reader.last if lane is not None else None  # (a ZeroMQ route: no lane)
+        if lane is None:  # a ZeroMQ route: no lane
+            return
+        lane_wire.peek(lane.sock)  # the next request's receive
+        last = lane.reader.last
         if not last:
             return
         message = lane_wire.whole_message(last)

@@ -29,6 +29,7 @@ not msgpack: both ends already unpickle each other's data (functions, arguments,
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import socket
 import struct
@@ -45,6 +46,7 @@ SEND_TIMEOUT = 5.0  # seconds a blocked send waits for the peer to read before t
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _WAITALL = int(socket.MSG_WAITALL)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class LaneBroken(OSError):
@@ -171,6 +173,16 @@ def whole_message(data: bytes) -> tuple[str, dict[str, Any], tuple[Any, ...]] | 
     if len(data) < HEADER_BYTES or HEADER_BYTES + _LENGTH.unpack_from(data)[0] != len(data):
         return None
     return _load(memoryview(data)[HEADER_BYTES:])
+
+
+def peek(sock: socket.socket) -> None:
+    """A look at what has come that reads nothing and waits for nothing: a receive rehearsed
+    (executor/server.py). A system call's path runs from cold caches after a long wait too:
+    on the 2-core CPU machine a 140-byte send and receive took 11.5 us after 20 ms of
+    waiting, 2.8 us with a peek every 200 us during the wait, 1.3 us warm."""
+    # BlockingIOError: nothing has come (the usual case); a broken lane shows when it is read
+    with contextlib.suppress(OSError):
+        sock.recv(1, _PEEK)
 
 
 def _fill(sock: socket.socket, view: memoryview) -> None:

@@ -299,6 +299,8 @@ def main() -> None:
         print(f"empty call p50 {result['empty_call']['p50_us']:.1f} us", flush=True)
         save()
         result["sweep"] = sweep(session, gpu, args.rounds, args.per_round)
+        conn = session._connection()
+        result["client_rehearsals"] = {"rehearsals": conn.rehearsals, "echoes": conn.echoes}
         save()
         fn = remote_spin if gpu else remote_sim_spin
         result["breakdown_us"] = {

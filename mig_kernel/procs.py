@@ -1,6 +1,9 @@
-"""Facts about local processes from /proc (Linux): is a pid alive, and which process is it."""
+"""Facts about local processes from /proc (Linux): is a pid alive, and which process is it;
+and the CPUs this one may run on."""
 
 from __future__ import annotations
+
+import os
 
 
 def _stat_fields(pid: int) -> list[bytes] | None:
@@ -25,6 +28,18 @@ def proc_start_ticks(pid: int) -> int | None:
 
 def pid_alive(pid: int) -> bool:
     return proc_start_ticks(pid) is not None
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on: its affinity (a container's cpuset, taskset, a
+    Slurm allocation), not the machine's count. A decision to spin needs this one: two
+    processes spinning for each other on one CPU take turns by the scheduler's time slice
+    (on the 2-core CPU machine, an empty call confined to one CPU took 211 us with the
+    machine's count deciding, against 26 us for a bare pyzmq round trip)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (no affinity on this platform)
+        return os.cpu_count() or 1
 
 
 CAP_SETS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")

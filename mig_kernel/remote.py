@@ -45,7 +45,7 @@ from numpy.lib.mixins import NDArrayOperatorsMixin
 from . import arrayops
 from .datapath import ArenaPath, DataPath, Outgoing, SocketPath
 from .liveness import SilenceWatch
-from .procs import pid_alive
+from .procs import pid_alive, usable_cpus
 from .wire import lane as lane_wire
 from .wire import payload
 from .wire.arena import Arena
@@ -66,8 +66,9 @@ LANE_OPEN_TIMEOUT = 1.0  # seconds a lane request may take before the call goes 
 # more CUDA contexts than CPUs). With 8 CPUs or more it covers calls of up to 25 ms; with
 # fewer, 100 us: short calls come back within it, and a longer one is not kept from a core
 # for long (on the 2-core CPU machine an empty call took 32 us with it, 65 us without; see
-# docs/performance.md). One CPU: never (the executor needs it). MIG_KERNEL_SPIN_US overrides.
-_CPUS = os.cpu_count() or 1
+# docs/performance.md). One CPU: never (the executor needs it). The CPUs counted are those
+# this process may run on (procs.usable_cpus). MIG_KERNEL_SPIN_US overrides.
+_CPUS = usable_cpus()
 SPIN = (
     float(
         os.environ.get(
@@ -469,6 +470,8 @@ class ExecutorConnection:
         self.last_request: tuple[str, dict[str, Any]] | None = None
         self.last_function: weakref.ref[Any] | None = None
         self.rehearsals = 0  # how often it did (for tests and benchmarks)
+        self.echo_out = False  # a rehearsed round trip (lane_wire.ECHO) awaits its answer
+        self.echoes = 0  # answers to those that came (for tests and benchmarks)
 
     def close(self) -> None:
         with self.lock:
@@ -508,6 +511,7 @@ class ExecutorConnection:
 
     def _close_lane(self) -> None:
         sock, self.lane, self.lane_reader = self.lane, None, None
+        self.echo_out = False
         if sock is not None:
             with contextlib.suppress(KeyError):
                 self.poller.unregister(sock)
@@ -554,10 +558,18 @@ class ExecutorConnection:
 
     def _rehearse(self) -> None:
         """Run again, to no effect, the steps that follow a wait: reading a plain result (the
-        latest one), and the next request of the same function (its pickle cache's check,
-        the request's pickle). A step that ran shortly before runs at its warm cost; after
-        20 ms of waiting, at several times that (docs/performance.md). Nothing is sent,
-        stored or changed."""
+        latest one), the next request of the same function (its pickle cache's check, the
+        request's pickle), and a round trip by the lane (an echo, unless one is on its way,
+        which the executor answers while it waits for the call's GPU work: the system
+        calls' path goes cold too). A step that ran shortly before runs at its warm cost;
+        after 20 ms of waiting, at several times that (docs/performance.md). Nothing is
+        stored or changed; the echo's answer is dropped as a late liveness probe's is."""
+        if not self.echo_out and self.lane is not None:
+            try:
+                lane_wire.send_packed(self.lane, lane_wire.ECHO)
+                self.echo_out = True
+            except lane_wire.LaneBroken:
+                pass  # the wait's next receive finds out
         if self.last_reply:
             lane_wire.whole_message(self.last_reply)
         function = self.last_function() if self.last_function is not None else None
@@ -739,6 +751,7 @@ class ExecutorConnection:
             return invocation._finished
         recv, clock, until = sock.recv, time.monotonic, self.spin_until
         every = REHEARSE
+        self.echo_out = False  # one lost (a cancel that struck as it was answered) stops none
         due = clock() + every if every > 0 else until  # (0: the window ends first)
         spins = 0
         with self.lock:
@@ -905,8 +918,11 @@ class ExecutorConnection:
     def _handle_message(self, msg: Message) -> None:
         body = msg.body
         call_id = body.get("call_id", "")
-        if self.silence.heard(call_id):
-            return  # the answer to a liveness probe
+        if self.silence.heard(call_id):  # the answer to a liveness probe (or to an echo)
+            if call_id == lane_wire.ECHO_ID:
+                self.echo_out = False
+                self.echoes += 1
+            return
         if msg.type == "stream":
             target = sys.stderr if body.get("name") == "stderr" else sys.stdout
             target.write(body.get("text", ""))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import mig_kernel
+from mig_kernel import remote
 
 
 def _gpu_reason() -> str | None:
@@ -289,11 +290,46 @@ def test_a_long_gpu_call_rehearses_what_follows_and_changes_nothing(gpu_session)
         return a * 2
 
     a = gpu_session.put(np.arange(1000, dtype=np.float32))
+    conn = gpu_session._connection()
+    echoes = conn.echoes
     invocation = gpu_session.submit(spin_then_double, a, 20_000_000, SPIN_KERNEL)
     doubled = invocation.result()
     np.testing.assert_array_equal(doubled.get(), np.arange(1000, dtype=np.float32) * 2)
     rehearsals = invocation.timings.get("rehearsals", 0)
     assert rehearsals >= 10, invocation.timings  # every 200 us of a 20 ms kernel
+    if remote.SPIN >= 0.02:  # the client spins through it (8 CPUs or more): it rehearses too
+        assert conn.echoes >= echoes + 10, (conn.echoes, echoes)  # round trips, answered
+    assert not conn.replies and not conn.pending
     again = gpu_session.submit(spin_then_double, doubled, 5_000_000, SPIN_KERNEL)
     np.testing.assert_array_equal(again.result().get(), np.arange(1000, dtype=np.float32) * 4)
     record("rehearsals.json", {"20ms": invocation.timings, "5ms": again.timings})
+
+
+def test_a_gpu_call_leaves_its_lane_served(gpu_session) -> None:
+    """While the main thread waits for a call's GPU work, the lanes are its to look at: it
+    answers the client's echoes and wakes the watcher for anything else. A ping and a cancel
+    by the lane are served during the call, the next call is staged, and all come back."""
+    import time
+
+    import numpy as np
+
+    def spin(ns, source):
+        kernel = xp.RawKernel(source, "spin")  # noqa: F821 (xp: the slice's CuPy)
+        kernel((1,), (1,), (ns,))
+
+    conn = gpu_session._connection()
+    gpu_session.run(spin, 0, SPIN_KERNEL)
+    assert conn.lane_active()
+    running = gpu_session.submit(spin, 2_000_000_000, SPIN_KERNEL)  # a 2 s kernel
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert gpu_session.ping()["pid"] > 0
+    answered = time.monotonic() - started
+    following = gpu_session.submit(lambda a: float(a.sum()), np.ones(1000))
+    assert conn.cancel(running, grace=5.0)
+    cancelled = time.monotonic() - started
+    with pytest.raises(KeyboardInterrupt):
+        running.result()
+    assert following.result() == 1000.0  # after the kernel, which runs on to its end
+    assert answered < 0.5 and cancelled < 1.0, (answered, cancelled)
+    record("lane-served-during-gpu-call.json", {"ping_s": answered, "cancel_s": cancelled})

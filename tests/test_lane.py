@@ -243,3 +243,22 @@ def test_a_malformed_handles_field_is_refused(session, handles) -> None:
     with pytest.raises(MigKernelError, match="field 'handles'"):
         invocation.result(timeout=30)
     assert session.run(lambda: 2) == 2
+
+
+def test_no_spinning_where_the_process_may_use_one_cpu() -> None:
+    """Whether to spin is decided by the CPUs the process may run on (a container's cpuset,
+    taskset), not the machine's count: two processes spinning for each other on one CPU take
+    turns by the scheduler's time slice."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from mig_kernel import procs, remote; from mig_kernel.executor import server; "
+        "print(procs.usable_cpus(), remote.SPIN, server.SPIN)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("SPIN_US")}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stdout.split() == ["1", "0.0", "0.0"], done.stderr

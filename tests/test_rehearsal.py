@@ -97,31 +97,57 @@ def test_a_client_rehearses_while_it_spins_and_gets_every_result(make_broker, mo
         assert capsys.readouterr().out == "half way\n"
         assert session.run(slow, 3) == 4
         assert conn.rehearsals > before
+        # its echoes were answered (on a sim slice by the watcher or after the call, as
+        # ordinary requests) and dropped: nothing kept for a caller, no call confused
+        assert not conn.replies and not conn.pending
+        assert conn.echoes >= 1
         array = session.run(lambda n: xp.arange(n), 4)  # noqa: F821 (xp: the slice's module)
         np.testing.assert_array_equal(array.get(), np.arange(4))
         with pytest.raises(ZeroDivisionError):
             session.run(lambda: 1 / 0)
 
 
-def test_a_peek_rehearses_a_receive_and_reads_nothing() -> None:
-    """The executor's rehearsal looks at its lane (``peek``): it must neither wait, nor take
-    what has come, nor fail on a lane whose peer has gone."""
+def test_an_echo_is_answered_and_anything_else_left_to_be_read() -> None:
+    """The executor's rehearsal answers a waiting client's echo without taking it apart
+    (``answer_echo``); it must never wait, nor take a request or a part of one, nor fail on a
+    lane whose peer has gone."""
     import socket
 
+    from mig_kernel.liveness import PROBE_PREFIX
     from mig_kernel.wire import lane as lane_wire
 
+    assert lane_wire.ECHO_ID.startswith(PROBE_PREFIX)  # the client drops its answer
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sent: list[bytes] = []
+
+    def send(message: bytes) -> bool:
+        sent.append(message)
+        return True
+
     with ours, theirs:
         lane_wire.make_blocking(ours)
         started = time.perf_counter()
-        lane_wire.peek(ours)  # nothing has come: returns at once
+        assert not lane_wire.answer_echo(ours, send)  # nothing has come: returns at once
         assert time.perf_counter() - started < 1.0
+        theirs.sendall(lane_wire.ECHO + lane_wire.ECHO[:5])  # an echo, and a part of the next
+        assert lane_wire.answer_echo(ours, send)
+        assert sent == [lane_wire.ECHO_REPLY]
+        assert not lane_wire.answer_echo(ours, send)  # a part of one is not taken
+        theirs.sendall(lane_wire.ECHO[5:])
         request = lane_wire.pack("invoke", {"call_id": "c1"}, ())
         theirs.sendall(request)
-        lane_wire.peek(ours)
-        lane_wire.peek(ours)
-        assert lane_wire.LaneReader(ours).next(wait=False) == ("invoke", {"call_id": "c1"}, ())
+        reader = lane_wire.LaneReader(ours)
+        assert reader.next(wait=False) == ("echo", {"call_id": lane_wire.ECHO_ID}, ())
+        assert not reader.rest or reader.buffered()
+        assert not lane_wire.answer_echo(ours, send)  # a request: left where it is
+        assert reader.next(wait=False) == ("invoke", {"call_id": "c1"}, ())
+        assert lane_wire.whole_message(lane_wire.ECHO_REPLY) == (
+            "reply",
+            {"call_id": lane_wire.ECHO_ID},
+            (),
+        )
         theirs.close()
-        lane_wire.peek(ours)  # end of stream: shown by the next read, not by the peek
+        assert not lane_wire.answer_echo(ours, send)  # end of stream: the next read shows it
         with pytest.raises(lane_wire.LaneBroken):
-            lane_wire.LaneReader(ours).next(wait=False)
+            reader.next(wait=False)
+    assert len(sent) == 1

@@ -31,12 +31,13 @@ clock would be?) and ``launch_sync`` (an empty kernel launched and synchronized 
 ``message``: the system calls alone, a 140-byte message sent and received on a Unix socket
 pair right after waiting ``busy``, ``recv_spin`` (on another pair), or ``busy_peek_200us``
 (a non-blocking ``recv`` with ``MSG_PEEK`` on the pair every 200 us, which reads nothing:
-the executor's rehearsal of its lane's receive, wire/lane.py ``peek``).
+the executor's rehearsal of its lane's receive, wire/lane.py ``answer_echo``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -50,8 +51,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from broker_bench import percentile
 from overhead_sweep import SPIN_SOURCE
-
-from mig_kernel.wire import lane as lane_wire
 
 LENGTHS_US = (0, 1000, 5000, 20000)
 MESSAGE = {"call_id": 17, "fn": b"x" * 40, "args": (1, 2.5, "abc"), "timeout": None}
@@ -185,7 +184,8 @@ def measure_message(reps: int) -> dict[str, Any]:
         due = clock() + 200_000
         while (now := clock()) < end:
             if now >= due:
-                lane_wire.peek(b)
+                with contextlib.suppress(BlockingIOError):
+                    b.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                 due = clock() + 200_000
 
     kinds = waits(None)

@@ -117,6 +117,7 @@ class DataPlane:
         self.runner_ident = threading.get_ident()  # the thread that runs calls (cancel)
         self.call_started: Callable[[], None] = lambda: None  # the server wakes its watcher
         self.rehearse: Callable[[], None] | None = None  # the server's, while a call waits
+        self.awaiting = False  # in ``_await``: rehearsing while a call's GPU work runs
         self.cancel_lock = threading.Lock()  # orders a cancel against the end of a call
         self.interrupting = False  # a cancel raised KeyboardInterrupt in the running call
         self.streamed = 0  # stream messages queued so far (the result waits for them)
@@ -503,16 +504,20 @@ class DataPlane:
         rehearse, clock = self.rehearse, time.perf_counter
         due = clock() + REHEARSE
         count = 0
-        while rehearse is not None and not stream.done:
-            if clock() >= due:
-                try:
-                    rehearse()
-                    count += 1
-                except Exception:
-                    log.exception("rehearsing the steps after a call failed; rehearsals stop")
-                    self.rehearse = rehearse = None
-                time.sleep(0)
-                due = clock() + REHEARSE
+        self.awaiting = True
+        try:
+            while rehearse is not None and not stream.done:
+                if clock() >= due:
+                    try:
+                        rehearse()
+                        count += 1
+                    except Exception:
+                        log.exception("rehearsing the steps after a call failed; rehearsals stop")
+                        self.rehearse = rehearse = None
+                    time.sleep(0)
+                    due = clock() + REHEARSE
+        finally:
+            self.awaiting = False
         stream.synchronize()  # at once: for the errors of the stream's work, as before
         return count
 

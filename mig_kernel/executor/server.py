@@ -29,6 +29,7 @@ from typing import Any
 
 import zmq
 
+from ..procs import usable_cpus
 from ..wire import lane as lane_wire
 from ..wire.connection import bind_private
 from ..wire.errors import (
@@ -76,10 +77,15 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 TAKEOVER = float(os.environ.get("MIG_KERNEL_TAKEOVER_US", "2000")) / 1e6
 WATCH_IDLE = 1.0  # seconds without calls after which the watcher sleeps until the next one
 WATCH_WAIT = 0.1  # seconds the watcher waits for input at most (then it checks the deadline)
+AWAITING_WAIT = 0.002  # the same while the main thread looks at the lanes (``_answer_echoes``)
 # After a call the main thread polls without sleeping for this long: the holder's next request
 # usually follows within microseconds, and a thread (or a VM's vCPU) that went to sleep costs
-# tens of microseconds to wake. MIG_KERNEL_EXECUTOR_SPIN_US overrides it (0: never spin).
-SPIN = float(os.environ.get("MIG_KERNEL_EXECUTOR_SPIN_US", "1000")) / 1e6
+# tens of microseconds to wake. Not on one CPU (the holder needs it to send that request:
+# procs.usable_cpus). MIG_KERNEL_EXECUTOR_SPIN_US overrides it (0: never spin).
+SPIN = (
+    float(os.environ.get("MIG_KERNEL_EXECUTOR_SPIN_US", "1000" if usable_cpus() >= 2 else "0"))
+    / 1e6
+)
 # MIG_KERNEL_TRACE=1: a lane call's result carries perf_counter_ns stamps of the executor's
 # steps (timings["trace"]: read, staged, run, launched, synchronized, ran), for the breakdowns
 # of benchmarks/overhead_sweep.py and probes/growth.py (the clock is CLOCK_MONOTONIC, the
@@ -127,6 +133,10 @@ class ExecutorServer:
         self.dataplane.call_started = self._call_started
         self.dataplane.rehearse = self._rehearse
         self.watch_cond = threading.Condition()
+        # The main thread wakes the watcher's wait through this pipe (``_answer_echoes``).
+        self.watcher_woken, self.wake_watcher = os.pipe()
+        os.set_blocking(self.watcher_woken, False)
+        os.set_blocking(self.wake_watcher, False)
         self.watcher_idle = False
         self.stopped = False
         self.watcher = threading.Thread(target=self._watch, name="watcher", daemon=True)
@@ -198,6 +208,8 @@ class ExecutorServer:
         self.dataplane.close()
         self.streams.close(linger=0)
         self.lanes.close()
+        os.close(self.watcher_woken)
+        os.close(self.wake_watcher)
         self.socket.close(linger=1000)  # the last replies (a rekey's answer) still go out
 
     def _run(self, job: Job) -> None:
@@ -350,14 +362,15 @@ class ExecutorServer:
     def _rehearse(self) -> None:
         """Run again, to no effect, the steps that follow the running call and read the next
         request (the data plane calls it while the call's GPU work runs; dataplane.REHEARSE
-        says why): a receive on its lane that reads nothing (``peek``), the latest request
+        says why): the client's rehearsal of a round trip answered, if it came (an echo,
+        wire/lane.py ``answer_echo``; else a receive that reads nothing), the latest request
         the lane brought, unpickled, checked, made a job and its function looked up; and a
-        result's pickle. Nothing is sent, queued or changed."""
+        result's pickle. Besides the echo's answer nothing is sent, queued or changed."""
         job = self.dataplane.current
         lane = self.lanes.by_route.get(job.route) if job is not None else None
         if lane is None:  # a ZeroMQ route: no lane
             return
-        lane_wire.peek(lane.sock)  # the next request's receive
+        self._answer_echoes()
         last = lane.reader.last
         if not last:
             return
@@ -375,6 +388,22 @@ class ExecutorServer:
             self.dataplane.function(fn_data, load=False)
         timings = {"stage_in_ms": 0.0, "compute_ms": 0.0, "input_bytes": 0}
         lane_wire.pack("result", {"call_id": job.call_id, "timings": timings, "value": None})
+
+    def _answer_echoes(self) -> None:
+        """While the main thread waits for GPU work the watcher leaves the lanes to it (a
+        thread woken for every echo would take the GIL from it): it answers their echoes
+        here, and wakes the watcher for anything else that came."""
+        if not self.sock_lock.acquire(blocking=False):  # the watcher is serving something
+            return
+        try:
+            for lane in self.lanes.by_route.values():
+                # (bytes of its own buffered: the socket's next ones are not a message's first)
+                if lane.reader.rest or lane_wire.answer_echo(lane.sock, lane.send) is False:
+                    with contextlib.suppress(BlockingIOError):  # (full: it is woken already)
+                        os.write(self.wake_watcher, b"\0")
+                    return
+        finally:
+            self.sock_lock.release()
 
     # -- the watcher thread --------------------------------------------------------------
     def _call_started(self) -> None:
@@ -423,13 +452,21 @@ class ExecutorServer:
                 self._serve_turn(0, limit=64)
                 if (self.socket.getsockopt(_EVENTS) | self.streams.getsockopt(_EVENTS)) & _POLLIN:
                     continue  # more than one turn takes (the fds signal new arrivals only)
-                fds = [*self.zmq_fds, *self.lanes.by_fd]
+                fds = [*self.zmq_fds, self.watcher_woken]
+                # While the main thread rehearses, the lanes are its to look at (it wakes
+                # this wait for what it does not answer itself); the wait is then shorter,
+                # so that the lanes are this thread's again soon after the GPU work ends.
+                awaiting = self.dataplane.awaiting
+                if not awaiting:
+                    fds.extend(self.lanes.by_fd)
                 if self.lanes.listener is not None:
                     fds.append(self.lanes.listener.fileno())
             waiting = select.poll()
             for fd in fds:
                 waiting.register(fd, select.POLLIN)
-            waiting.poll(WATCH_WAIT * 1000)
+            if waiting.poll(AWAITING_WAIT * 1000 if awaiting else WATCH_WAIT * 1000):
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.watcher_woken, 512)
 
     def _sleep_until_a_call(self) -> None:
         with self.watch_cond:
@@ -674,6 +711,11 @@ class ExecutorServer:
             "memory_limit": self.spec.memory_limit,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
+
+    def tenant_echo(self, msg: Message, route: bytes) -> dict[str, Any]:
+        """A waiting client's rehearsal of a round trip (wire/lane.py ``ECHO``) that came when
+        no call's GPU work was being waited for: answered as ``answer_echo`` would."""
+        return {"call_id": msg.body.get("call_id")}
 
     def tenant_lane(self, msg: Message, route: Any) -> dict[str, Any]:
         """Offer a lane (wire/lane.py): an abstract socket's name and a one-time token."""

@@ -29,7 +29,6 @@ not msgpack: both ends already unpickle each other's data (functions, arguments,
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import socket
 import struct
@@ -57,6 +56,32 @@ def pack(kind: str, body: dict[str, Any], payload: Any = ()) -> bytes:
     frames = tuple(bytes(f) if isinstance(f, memoryview) else f for f in payload) if payload else ()
     data = pickle.dumps((kind, body, frames), protocol=_PROTOCOL)
     return _LENGTH.pack(len(data)) + data
+
+
+# The round trip a waiting client rehearses (remote.py ``_rehearse``): fixed bytes both ways, so
+# that the executor, waiting for a call's GPU work, answers it without taking it apart
+# (``answer_echo``); outside such a wait it is an ordinary request. Its id is a liveness
+# probe's (liveness.PROBE_PREFIX): the client drops the answer as it drops a late probe's.
+ECHO_ID = "probe-echo"
+ECHO = pack("echo", {"call_id": ECHO_ID})
+ECHO_REPLY = pack("reply", {"call_id": ECHO_ID})
+
+
+def answer_echo(sock: socket.socket, send: Callable[[bytes], Any]) -> bool | None:
+    """If the next bytes on ``sock`` are an ``ECHO``, take them and ``send`` ``ECHO_REPLY``
+    (True); else read nothing (a peek: the receive's path is rehearsed all the same): None if
+    nothing has come, False if something else has (a request, or a part of one: the usual
+    path's to serve). Never waits. The caller is the lane's only reader for now and has none
+    of its bytes buffered."""
+    try:
+        head = sock.recv(len(ECHO), _PEEK)
+    except OSError:  # BlockingIOError: nothing has come (the usual case)
+        return None
+    if head != ECHO:
+        return False if head else None  # (b"": end of stream, for the usual path to find)
+    sock.recv(len(ECHO))  # the echo itself, there already
+    send(ECHO_REPLY)  # (a lane that broke sends by ZeroMQ no more: the echo needs no answer)
+    return True
 
 
 def send_packed(sock: socket.socket, message: bytes) -> None:
@@ -173,16 +198,6 @@ def whole_message(data: bytes) -> tuple[str, dict[str, Any], tuple[Any, ...]] | 
     if len(data) < HEADER_BYTES or HEADER_BYTES + _LENGTH.unpack_from(data)[0] != len(data):
         return None
     return _load(memoryview(data)[HEADER_BYTES:])
-
-
-def peek(sock: socket.socket) -> None:
-    """A look at what has come that reads nothing and waits for nothing: a receive rehearsed
-    (executor/server.py). A system call's path runs from cold caches after a long wait too:
-    on the 2-core CPU machine a 140-byte send and receive took 11.5 us after 20 ms of
-    waiting, 2.8 us with a peek every 200 us during the wait, 1.3 us warm."""
-    # BlockingIOError: nothing has come (the usual case); a broken lane shows when it is read
-    with contextlib.suppress(OSError):
-        sock.recv(1, _PEEK)
 
 
 def _fill(sock: socket.socket, view: memoryview) -> None:

@@ -511,7 +511,6 @@ class ExecutorConnection:
 
     def _close_lane(self) -> None:
         sock, self.lane, self.lane_reader = self.lane, None, None
-        self.echo_out = False
         if sock is not None:
             with contextlib.suppress(KeyError):
                 self.poller.unregister(sock)
@@ -751,7 +750,7 @@ class ExecutorConnection:
             return invocation._finished
         recv, clock, until = sock.recv, time.monotonic, self.spin_until
         every = REHEARSE
-        self.echo_out = False  # one lost (a cancel that struck as it was answered) stops none
+        self.echo_out = False  # one lost (a cancel struck as it was answered) stops none
         due = clock() + every if every > 0 else until  # (0: the window ends first)
         spins = 0
         with self.lock:

@@ -174,8 +174,6 @@ def measure(reps: int, cuda: Any) -> dict[str, Any]:
 def measure_message(reps: int) -> dict[str, Any]:
     """``message`` of the docstring: p50 us of a send and its receive after each wait."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    idle, _ = socket.socketpair()
-    idle.setblocking(False)
     payload = b"m" * 140
     clock = time.perf_counter_ns
 

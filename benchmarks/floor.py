@@ -9,13 +9,19 @@ One run measures, p50 and p99 of the client's wall clock (``time.perf_counter``)
 - ``pyzmq``: a bare DEALER/ROUTER round trip over ipc to an echo server in another process
   (one frame of 64 bytes each way, no Python work on either side beyond the sends);
 - ``pipe``: a round trip of 64 bytes over two ``os.pipe``s to an echo process;
+- ``python_rpc``: the least a Python client and a Python server can do per call over a Unix
+  stream socket pair, spinning as the lane's two ends do (the client for 100 us, the server
+  for 1 ms after each call): pickle ``(name, args)``, send; unpickle, look the function up,
+  call it, pickle the result, send; unpickle. No call id, future, cancel, timeout, output
+  stream, function cache check, validation or accounting: the floor under mig-kernel's lane
+  for a call between two Python processes, which the lane's semantics add to;
 - ``mig_kernel``: ``session.run(noop)`` on a sim slice (the default ipc executor, with the local
   lane when the executor offers one);
 - ``mig_kernel_zmq``: the same executor with the lane turned off (``MIG_KERNEL_LANE=0`` in the
   client): the signed ZeroMQ path;
 - ``ray``: ``ray.get(actor.noop.remote())`` when ``ray`` is installed.
 
-The first four are interleaved in ``rounds`` rounds of ``reps / rounds`` calls each, so each
+The first five are interleaved in ``rounds`` rounds of ``reps / rounds`` calls each, so each
 sees the same machine (this CPU machine is shared); Ray runs after them, alone, since its
 daemons would load the two cores. The load average is recorded before and after.
 """
@@ -26,7 +32,9 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -134,6 +142,58 @@ def pipe_echo() -> Iterator[Callable[[], None]]:
         os.close(from_child)
 
 
+RPC_SERVER = """
+import pickle, socket, sys, time
+sock = socket.socket(fileno=int(sys.argv[1]))
+def noop():
+    return None
+functions = {"noop": noop}
+dontwait, clock, spin_until = socket.MSG_DONTWAIT, time.monotonic, 0.0
+while True:
+    try:
+        data = sock.recv(65536, dontwait)
+    except BlockingIOError:
+        if clock() < spin_until:
+            continue
+        data = sock.recv(65536)
+    if not data:
+        break
+    name, args = pickle.loads(data)
+    sock.send(pickle.dumps(functions[name](*args), 5))
+    spin_until = clock() + 0.001
+"""
+
+
+@contextlib.contextmanager
+def python_rpc() -> Iterator[Callable[[], None]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RPC_SERVER, str(theirs.fileno())], pass_fds=(theirs.fileno(),)
+    )
+    theirs.close()
+    recv, send, dontwait, clock = ours.recv, ours.send, socket.MSG_DONTWAIT, time.perf_counter
+    request = ("noop", ())
+
+    def call() -> None:
+        send(pickle.dumps(request, 5))
+        until = clock() + 100e-6
+        while True:
+            try:
+                data = recv(65536, dontwait)
+                break
+            except BlockingIOError:
+                if clock() > until:
+                    data = recv(65536)
+                    break
+        pickle.loads(data)
+
+    try:
+        yield call
+    finally:
+        ours.close()
+        proc.wait(10)
+
+
 @contextlib.contextmanager
 def mig_kernel_sessions(tmp: Path) -> Iterator[tuple[Any, Any]]:
     """Two sessions on one sim broker: one with the lane, one without (same executor code)."""
@@ -232,11 +292,13 @@ def main() -> None:
         with (
             zmq_echo(tmp) as zmq_call,
             pipe_echo() as pipe_call,
+            python_rpc() as rpc_call,
             mig_kernel_sessions(tmp) as (lane, plain),
         ):
             calls = {
                 "pyzmq": zmq_call,
                 "pipe": pipe_call,
+                "python_rpc": rpc_call,
                 "mig_kernel": lambda: lane.run(noop),
                 "mig_kernel_zmq": lambda: plain.run(noop),
             }
@@ -254,6 +316,7 @@ def main() -> None:
     result["ratios"] = {
         "mig_kernel_over_pyzmq": mk / zmq_p50,
         "mig_kernel_zmq_over_pyzmq": rows["mig_kernel_zmq"]["p50_us"] / zmq_p50,
+        "mig_kernel_over_python_rpc": mk / rows["python_rpc"]["p50_us"],
     }
     if "p50_us" in result["ray"]:
         result["ratios"]["ray_over_mig_kernel"] = result["ray"]["p50_us"] / mk

@@ -7,9 +7,12 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +159,46 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         timeout=60,
         env=dict(os.environ, JUPYTER_CONFIG_PATH="", **(env or {})),
     )
+
+
+@contextlib.contextmanager
+def executor_in_process(
+    directory: Path, runtime: str = "numpy"
+) -> Iterator[tuple[Any, Any, socket.socket]]:
+    """An executor server in this process with one lane on a socket pair, for probes and
+    tests of its request path step by step: yields (server, lane, the client's end). Its
+    watcher thread is not started; this thread is its main thread."""
+    import zmq
+
+    from .executor.lanes import Lane
+    from .executor.runtime import warm_start
+    from .executor.server import ExecutorServer
+    from .wire.executor_spec import ExecutorSpec
+
+    spec = ExecutorSpec(
+        executor_id="E-in-process",
+        endpoint=f"ipc://{directory}/executor",
+        control_key="00" * 32,
+        tenant_key="11" * 32,
+        slice={"id": "in-process"},
+        runtime=runtime,
+        memory_limit=None,
+    )
+    context = zmq.Context()
+    server = ExecutorServer(spec, warm_start(runtime, None), context)
+    server.dataplane.runner_ident = threading.get_ident()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    lane = Lane(route="lane-in-process", sock=ours, zmq_route=b"in-process")
+    server.lanes.by_route[lane.route] = lane
+    try:
+        yield server, lane, theirs
+    finally:  # (not server.close(): its watcher thread was never started)
+        server.dataplane.close()
+        server.lanes.close()
+        server.streams.close(linger=0)
+        server.socket.close(linger=0)
+        os.close(server.watcher_woken)
+        os.close(server.wake_watcher)
+        context.term()
+        ours.close()
+        theirs.close()

@@ -262,3 +262,75 @@ def test_no_spinning_where_the_process_may_use_one_cpu() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
     )
     assert done.stdout.split() == ["1", "0.0", "0.0"], done.stderr
+
+
+@pytest.mark.parametrize(
+    ("fields", "refusal"),
+    [
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": -1}, "timeout must be a positive number"),
+        ({"timeout": "1"}, "timeout must be a positive number"),
+        ({"argv": [(2,), {}]}, "field 'argv'"),
+        ({"argv": ((2,),)}, "field 'argv'"),
+        ({"free": "all"}, "free needs ids"),
+    ],
+    ids=["nan-timeout", "negative-timeout", "str-timeout", "list-argv", "short-argv", "free"],
+)
+def test_a_lane_call_the_short_path_declines_is_refused_by_name(session, fields, refusal) -> None:
+    """The executor serves the usual lane call in fewer steps (server.py ``_lane_job``); a
+    request it declines takes the usual path, which names what is wrong, and the lane goes on."""
+    from mig_kernel import remote
+    from mig_kernel.datapath import Outgoing
+
+    def double(x):
+        return 2 * x
+
+    assert session.run(double, 4) == 8  # the function is loaded: the short path would serve it
+    conn = session._connection()
+    call_id = f"declined-{sorted(fields)}"
+    invocation = remote.Invocation(conn, call_id, False, Outgoing(), None)
+    conn.pending[call_id] = invocation
+    body = {"call_id": call_id, "timeout": None, "fn": remote._FUNCTIONS.dumps(double)}
+    conn._send("invoke", {**body, "argv": ((2,), {}), **fields})
+    with pytest.raises(MigKernelError, match=refusal):
+        invocation.result(timeout=30)
+    assert session.run(double, 5, timeout=30) == 10
+    assert conn.lane_active()
+
+
+def test_the_usual_lane_call_takes_the_short_path(tmp_path) -> None:
+    """What the short path accepts, and that the job it makes is the usual path's."""
+    from mig_kernel import remote
+    from mig_kernel.testing import executor_in_process
+    from mig_kernel.wire import payload
+    from mig_kernel.wire.messages import Message
+
+    def double(x):
+        return 2 * x
+
+    fn = remote._FUNCTIONS.dumps(double)
+    usual = {"call_id": "c1", "timeout": None, "fn": fn, "argv": ((3,), {})}
+    with executor_in_process(tmp_path) as (server, lane, _client_end):
+        assert server._lane_job(lane, usual) is None  # a function not loaded yet: usual path
+        server._dispatch(lane.route, Message("invoke", dict(usual), b"", 0.0))
+        expected = server.dataplane.next_ready()
+        job = server._lane_job(lane, dict(usual))
+        assert job is not None
+        for field in ("kind", "route", "call_id", "fn", "staged", "ready_event", "input_bytes"):
+            assert getattr(job, field) == getattr(expected, field), field
+        empty = {**usual, "args": payload.EMPTY_ARGS}
+        del empty["argv"]
+        assert server._lane_job(lane, empty).staged == ((), {})
+        assert server._lane_job(lane, {**usual, "timeout": 2.5}) is not None
+        for unusual in (
+            {"handles": [0]},
+            {"free": [1]},
+            {"timeout": 0},
+            {"timeout": True},
+            {"call_id": 7},
+            {"argv": None, "args": b"other"},
+            {"fn": b"not this executor's"},
+        ):
+            assert server._lane_job(lane, {**usual, **unusual}) is None, unusual
+        server.sealed = True
+        assert server._lane_job(lane, usual) is None

@@ -16,22 +16,30 @@ import zmq
 import mig_kernel
 from mig_kernel import remote
 from mig_kernel.executor import dataplane
-from mig_kernel.executor.runtime import Runtime
+from mig_kernel.executor.runtime import NOT_READY, Runtime
 
 
 class FakeStream:
-    """What ``DataPlane._await`` uses of a CuPy stream: ``done`` once ``seconds`` passed."""
+    """What ``DataPlane._await`` uses of a CuPy stream and its query (runtime.py
+    ``compute_query``): work that ends after ``seconds``, with ``error`` (a CUDA error code)
+    if it fails, which ``synchronize`` raises."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, error: int = 0) -> None:
         self.ends = time.perf_counter() + seconds
+        self.error = error
         self.synchronized = 0
+        self.queries = 0
 
-    @property
-    def done(self) -> bool:
-        return time.perf_counter() >= self.ends
+    def query(self) -> int:
+        self.queries += 1
+        return NOT_READY if time.perf_counter() < self.ends else self.error
 
     def synchronize(self) -> None:
         self.synchronized += 1
+        while time.perf_counter() < self.ends:
+            pass
+        if self.error:
+            raise RuntimeError(f"cudaErrorCode {self.error}")
 
 
 @pytest.fixture
@@ -50,10 +58,23 @@ def test_a_stream_wait_rehearses_then_synchronizes(plane, monkeypatch) -> None:
     ran: list[float] = []
     plane.rehearse = lambda: ran.append(time.perf_counter())
     stream = FakeStream(0.005)
-    count = plane._await(stream)
+    count = plane._await(stream, stream.query)
     assert count == len(ran) >= 1
     assert all(t < stream.ends for t in ran)  # only while the stream works
-    assert stream.synchronized == 1  # its errors are raised as by a plain synchronize
+    assert stream.synchronized == 0  # it ended well: the poll said so, no driver call more
+
+
+def test_a_stream_whose_work_failed_ends_the_wait_with_its_error(plane, monkeypatch) -> None:
+    """A kernel that fails (an illegal address, say) leaves its stream in error: the poll
+    stops at once, and the error is raised as a plain synchronize raises it (CuPy's
+    ``Stream.done`` would only ever say "not done")."""
+    monkeypatch.setattr(dataplane, "REHEARSE", 0.0002)
+    plane.rehearse = lambda: None
+    stream = FakeStream(0.003, error=700)
+    with pytest.raises(RuntimeError, match="700"):
+        plane._await(stream, stream.query)
+    assert stream.synchronized == 1
+    assert time.perf_counter() >= stream.ends
 
 
 def test_a_failing_rehearsal_is_reported_once_and_stops(plane, monkeypatch, caplog) -> None:
@@ -65,13 +86,14 @@ def test_a_failing_rehearsal_is_reported_once_and_stops(plane, monkeypatch, capl
     plane.rehearse = broken
     stream = FakeStream(0.005)
     with caplog.at_level(logging.ERROR, logger="mig_kernel.executor"):
-        assert plane._await(stream) == 0
+        assert plane._await(stream, stream.query) == 0
     assert [r.message for r in caplog.records] == [
         "rehearsing the steps after a call failed; rehearsals stop"
     ]
-    assert stream.synchronized == 1
+    assert stream.synchronized == 1  # the poll stopped with the rehearsals: synchronized
     assert plane.rehearse is None  # calls synchronize plainly from now on
-    assert plane._await(FakeStream(0.002)) == 0
+    again = FakeStream(0.002)
+    assert plane._await(again, again.query) == 0
 
 
 def test_a_client_rehearses_while_it_spins_and_gets_every_result(make_broker, monkeypatch, capsys):
@@ -151,3 +173,16 @@ def test_an_echo_is_answered_and_anything_else_left_to_be_read() -> None:
         with pytest.raises(lane_wire.LaneBroken):
             reader.next(wait=False)
     assert len(sent) == 1
+
+
+def test_the_compute_stream_waits_for_the_latest_copies_once(plane) -> None:
+    """Once the compute stream was made to wait for the latest copies' event, later calls
+    without copies of their own do not make it wait again (it runs in order); a newer
+    copy's event is kept."""
+    copied, newer = object(), object()
+    plane.last_copy = copied
+    plane._waited_for(copied)
+    assert plane.last_copy is None
+    plane.last_copy = newer
+    plane._waited_for(copied)  # a call staged before the newer copies
+    assert plane.last_copy is newer

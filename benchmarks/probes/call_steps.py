@@ -1,8 +1,10 @@
 """What each step of a warm empty lane call costs, by itself, in each process (issue 15).
 
-Usage (any machine; the executor half runs a NumPy executor in this process)::
+Usage (any machine; the executor half runs a NumPy executor in this process, or with
+``--runtime cupy`` a CuPy one, on a GPU machine, whose call launches an empty spin kernel and
+waits for it as the sweep's does)::
 
-    python benchmarks/probes/call_steps.py [--out FILE.json]
+    python benchmarks/probes/call_steps.py [--runtime numpy|cupy] [--out FILE.json]
 
 The growth probe (growth.py) stamps a call's steps as they happen, between processes; this
 one times each piece of Python alone, warm, best of 5 repeats of ``timeit`` (us per call), so
@@ -26,11 +28,9 @@ import cProfile
 import json
 import os
 import pstats
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import timeit
 from collections.abc import Callable
@@ -38,19 +38,16 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
-import zmq
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from gpu_suite import running_broker
+from overhead_sweep import native_spin, remote_spin
 
 import mig_kernel
 from mig_kernel import remote
 from mig_kernel.datapath import Outgoing
-from mig_kernel.executor.lanes import Lane
-from mig_kernel.executor.runtime import warm_start
-from mig_kernel.executor.server import ExecutorServer
+from mig_kernel.testing import executor_in_process
 from mig_kernel.wire import lane as lane_wire
-from mig_kernel.wire.executor_spec import ExecutorSpec
 from mig_kernel.wire.limits import check_body
 from mig_kernel.wire.messages import Message
 
@@ -92,46 +89,35 @@ def client_steps() -> dict[str, float]:
         }
 
 
-def executor_steps(calls: int = 20000) -> dict[str, Any]:
-    tmp = tempfile.mkdtemp(prefix="mig-steps-")
-    spec = ExecutorSpec(
-        executor_id="E-steps",
-        endpoint=f"ipc://{tmp}/executor",
-        control_key="00" * 32,
-        tenant_key="11" * 32,
-        slice={"id": "steps"},
-        runtime="numpy",
-        memory_limit=None,
-    )
-    context = zmq.Context()
-    server = ExecutorServer(spec, warm_start("numpy", None), context)
-    server.dataplane.runner_ident = threading.get_ident()
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    lane = Lane(route="lane-steps", sock=ours, zmq_route=b"steps")
-    server.lanes.by_route[lane.route] = lane
-    fn_data = remote._FUNCTIONS.dumps(returns_none)
+def executor_steps(runtime: str, calls: int = 20000) -> dict[str, Any]:
+    gpu = runtime == "cupy"
+    fn, argv = (remote_spin, ((0,), {})) if gpu else (returns_none, ((5,), {}))
+    with (
+        tempfile.TemporaryDirectory(prefix="mig-steps-") as tmp,
+        executor_in_process(Path(tmp), runtime) as (server, lane, theirs),
+    ):
+        fn_data = remote._FUNCTIONS.dumps(fn)
 
-    def request(i: int) -> bytes:
-        body = {"call_id": f"c{i}", "timeout": None, "fn": fn_data, "argv": ((5,), {})}
-        return lane_wire.pack("invoke", body, ())
+        def request(i: int) -> bytes:
+            body = {"call_id": f"c{i}", "timeout": None, "fn": fn_data, "argv": argv}
+            return lane_wire.pack("invoke", body, ())
 
-    clock = time.perf_counter_ns
-    spans: dict[str, list[float]] = {"serve": [], "run": []}
+        clock = time.perf_counter_ns
+        spans: dict[str, list[float]] = {"serve": [], "run": []}
 
-    def one(message: bytes, keep: bool) -> None:
-        theirs.sendall(message)
-        t0 = clock()
-        server._serve_lane(lane, wait=False)
-        t1 = clock()
-        job = server.dataplane.next_ready()
-        server._run(job)
-        t2 = clock()
-        theirs.recv(65536)
-        if keep:
-            spans["serve"].append((t1 - t0) / 1e3)
-            spans["run"].append((t2 - t1) / 1e3)
+        def one(message: bytes, keep: bool) -> None:
+            theirs.sendall(message)
+            t0 = clock()
+            server._serve_lane(lane, wait=False)
+            t1 = clock()
+            job = server.dataplane.next_ready()
+            server._run(job)
+            t2 = clock()
+            theirs.recv(65536)
+            if keep:
+                spans["serve"].append((t1 - t0) / 1e3)
+                spans["run"].append((t2 - t1) / 1e3)
 
-    try:
         requests = [request(i) for i in range(calls)]
         for i, message in enumerate(requests):
             one(message, keep=i >= 2000)
@@ -142,18 +128,22 @@ def executor_steps(calls: int = 20000) -> dict[str, Any]:
             one(message, keep=False)
         profile.disable()
         python_calls = pstats.Stats(profile).total_calls / len(requests)  # type: ignore[attr-defined]
-        body = {"call_id": "c1", "timeout": None, "fn": fn_data, "argv": ((5,), {})}
+        body = {"call_id": "c1", "timeout": None, "fn": fn_data, "argv": argv}
         msg = Message(type="invoke", body=body, id=b"", ts=0.0, payload=[])
 
         def stage() -> None:
             server.dataplane.submit(server._job("invoke", msg, lane.route, True))
             server.dataplane.next_ready()
 
+        def stage_short() -> None:
+            server.dataplane.queue(server._lane_job(lane, body))
+            server.dataplane.next_ready()
+
         server.dataplane.submit(server._job("invoke", msg, lane.route, True))
         job = server.dataplane.next_ready()  # staged: its function loaded
 
         def run_only() -> None:
-            job.staged = ((5,), {})
+            job.staged = argv
             server.dataplane.run(job)
 
         timings = {"stage_in_ms": 0.0, "compute_ms": 0.01, "input_bytes": 0}
@@ -163,31 +153,29 @@ def executor_steps(calls: int = 20000) -> dict[str, Any]:
             "Message()": best_us(lambda: Message("invoke", body, b"", 0.0, payload=[])),
             "check_body": best_us(lambda: check_body(body)),
             "make the job, stage it, take it (_job, submit, next_ready)": best_us(stage),
-            "run the call (DataPlane.run, sim)": best_us(run_only),
+            "the same by the short path (_lane_job, queue, next_ready)": best_us(stage_short),
+            f"run the call (DataPlane.run, {runtime})": best_us(run_only, 5000 if gpu else 20000),
             "pickle the result (lane pack)": best_us(
                 lambda: lane_wire.pack("result", {"call_id": "c1", "timings": timings})
             ),
         }
+        if gpu:  # what the call's own work costs in this process, for comparison
+            native = native_spin(True)
+            pieces["native: the same kernel launched and synchronized"] = best_us(
+                lambda: native(0), 5000
+            )
         return {
+            "runtime": runtime,
             "serve_p50_us": round(statistics.median(spans["serve"]), 2),
             "run_and_reply_p50_us": round(statistics.median(spans["run"]), 2),
             "python_calls_per_call": round(python_calls, 1),
             "pieces_us": pieces,
         }
-    finally:  # (not server.close(): its watcher thread was never started)
-        server.dataplane.close()
-        server.lanes.close()
-        server.streams.close(linger=0)
-        server.socket.close(linger=0)
-        os.close(server.watcher_woken)
-        os.close(server.wake_watcher)
-        context.term()
-        ours.close()
-        theirs.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runtime", default="numpy", choices=("numpy", "cupy"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result: dict[str, Any] = {
@@ -195,7 +183,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "load": list(os.getloadavg()),
         "client_us": client_steps(),
-        "executor": executor_steps(),
+        "executor": executor_steps(args.runtime),
     }
     print(json.dumps(result, indent=1))
     if args.out:

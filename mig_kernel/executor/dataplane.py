@@ -42,7 +42,7 @@ from ..wire.arena import ArenaMap
 from ..wire.messages import INLINE_BYTES
 from . import simxp
 from .display import DisplayBridge
-from .runtime import CAP_EXCEEDED, Runtime, cap_message, needed_bytes
+from .runtime import CAP_EXCEEDED, NOT_READY, Runtime, cap_message, needed_bytes
 
 log = logging.getLogger("mig_kernel.executor")
 STREAMS = "inproc://executor-streams"  # what a running call prints, to the socket's holder
@@ -274,7 +274,9 @@ class DataPlane:
             else:
                 job.staged = payload.loads(job.data, lambda pid, job=job: self._stage_in(job, pid))
             if job.copy_start is not None:  # it copied inputs: its compute waits for them
-                job.ready_event = self.last_copy = self.runtime.record_copy()
+                copied = self.runtime.record_copy()
+                with self.lock:  # (``_waited_for``)
+                    job.ready_event = self.last_copy = copied
             else:  # none: it still waits for the last copies issued (a put's, say), which
                 job.ready_event = self.last_copy  # costs no new event and no timing read
             job.stage_wall = time.perf_counter() - job.stage_wall
@@ -282,6 +284,10 @@ class DataPlane:
             self._release(job.input_bytes)
             self._send_error(job, exc)
             return
+        self.queue(job)
+
+    def queue(self, job: Job) -> None:
+        """Queue a staged invocation to run (a cancel finds it from now on)."""
         self.jobs[job.call_id] = job
         self.ready.append(job)
 
@@ -293,10 +299,11 @@ class DataPlane:
         self.jobs.pop(job.call_id, None)
         return job
 
-    def function(self, data: bytes, load: bool = True) -> Any:
+    def function(self, data: bytes, load: bool = True, use: bool = False) -> Any:
         """Unpickle a function, or take it from the cache: the same bytes are the same function
         (cloudpickle captured its globals by value when the client pickled it). Without
-        ``load``, only the look-up (None if it is not cached; the cache's order is kept)."""
+        ``load``, only the look-up (None if it is not cached; the cache's order is kept, or,
+        with ``use``, a hit counts as a use, as it does with ``load``)."""
         # Keyed by a small pickle itself (no digest per call), by a digest of a large one (or
         # of a frame received in place, which is no key).
         key = (
@@ -306,6 +313,8 @@ class DataPlane:
         )
         fn = self.functions.get(key)
         if not load:
+            if use and fn is not None:
+                self.functions.move_to_end(key)
             return fn
         if fn is None:
             fn = cloudpickle.loads(data)
@@ -477,12 +486,14 @@ class DataPlane:
             else:  # on the compute stream, after its inputs' copies; then wait for it
                 if job.ready_event is not None:
                     stream.wait_event(job.ready_event)
+                    self._waited_for(job.ready_event)
                 with stream:
                     result = fn(*args, **kwargs)
                 if trace is not None:
                     trace.append(time.perf_counter_ns())  # launched
-                if REHEARSE > 0 and self.rehearse is not None:
-                    job.rehearsals = self._await(stream)
+                query = self.runtime.compute_query
+                if REHEARSE > 0 and self.rehearse is not None and query is not None:
+                    job.rehearsals = self._await(stream, query)
                 else:
                     stream.synchronize()
             if trace is not None:
@@ -495,18 +506,22 @@ class DataPlane:
             self.stdout.detach()
             self.stderr.detach()
 
-    def _await(self, stream: Any) -> int:
+    def _await(self, stream: Any, query: Callable[[], int]) -> int:
         """``stream.synchronize()``, rehearsing what follows every ``REHEARSE`` seconds while
         the stream works (``rehearse``: the server's); returns how often. The thread polls
-        the stream, as CUDA's own synchronize spins on its work; each rehearsal also lets
-        other threads run (the watcher, the call's own). A rehearsal that fails is a bug: it
-        is logged once and rehearsals stop (``rehearse`` becomes None); the call goes on."""
+        the stream (``query``: its state, runtime.py ``compute_query``), as CUDA's own
+        synchronize spins on its work; each rehearsal also lets other threads run (the
+        watcher, the call's own). Work that ended well needs no synchronize after the poll
+        (one driver call fewer per call); work that failed ends the poll at once, and the
+        synchronize raises its error. A rehearsal that fails is a bug: it is logged once and
+        rehearsals stop (``rehearse`` becomes None); the call goes on."""
         rehearse, clock = self.rehearse, time.perf_counter
         due = clock() + REHEARSE
         count = 0
         self.awaiting = True
         try:
-            while rehearse is not None and not stream.done:
+            status = query()
+            while status == NOT_READY and rehearse is not None:
                 if clock() >= due:
                     try:
                         rehearse()
@@ -516,10 +531,19 @@ class DataPlane:
                         self.rehearse = rehearse = None
                     time.sleep(0)
                     due = clock() + REHEARSE
+                status = query()
         finally:
             self.awaiting = False
-        stream.synchronize()  # at once: for the errors of the stream's work, as before
+        if status != 0:  # its error (raised by the synchronize), or no more rehearsals
+            stream.synchronize()
         return count
+
+    def _waited_for(self, event: Any) -> None:
+        """The compute stream waits for ``event`` (the latest copies) from now on, in order:
+        a later call without copies of its own need not make it wait again (a driver call)."""
+        with self.lock:  # (the watcher thread may stage a call, and record a copy, meanwhile)
+            if self.last_copy is event:
+                self.last_copy = None
 
     def _explain_memory(self, exc: BaseException) -> BaseException:
         """An out-of-memory error of the running call (CuPy's pool limit on a GPU, the data

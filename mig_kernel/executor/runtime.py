@@ -8,6 +8,7 @@ creation, and compiling and running a tiny kernel (about 2.4 s on an H100 when c
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import re
@@ -15,7 +16,7 @@ import resource
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -176,6 +177,9 @@ class SimMemoryPool:
                 self.kept += size
 
 
+NOT_READY = 600  # cudaErrorNotReady (and hipErrorNotReady): a stream's work still runs
+
+
 @dataclass
 class Runtime:
     """The slice's array module and the copy/compute primitives the data plane needs.
@@ -191,6 +195,10 @@ class Runtime:
     device: dict[str, Any] = field(default_factory=dict)
     copy_stream: Any = None
     compute_stream: Any = None
+    # The compute stream's state in one C call (``cudaStreamQuery``): 0 done, NOT_READY
+    # working, anything else the error its work met. CuPy's ``Stream.done`` is the same call
+    # but only says "not done" for an error, which a poll would wait on for ever.
+    compute_query: Callable[[], int] | None = None
     sim_pool: SimMemoryPool = field(default_factory=lambda: SimMemoryPool())
     sim_cap: SimMemoryCap | None = None  # set on sim slices by warm_start
 
@@ -345,6 +353,9 @@ def warm_start(name: str, memory_limit: int | None = None) -> Runtime:
     if name == "cupy":
         runtime.copy_stream = xp.cuda.Stream(non_blocking=True)
         runtime.compute_stream = xp.cuda.Stream(non_blocking=True)
+        runtime.compute_query = functools.partial(
+            xp.cuda.runtime.streamQuery, runtime.compute_stream.ptr
+        )
     else:
         runtime.sim_cap = SimMemoryCap()
     return runtime

@@ -186,3 +186,29 @@ def test_the_compute_stream_waits_for_the_latest_copies_once(plane) -> None:
     plane.last_copy = newer
     plane._waited_for(copied)  # a call staged before the newer copies
     assert plane.last_copy is newer
+
+
+def test_the_stream_query_falls_back_to_done_where_cupy_lacks_it() -> None:
+    """The GPU wait's query is CuPy's ``runtime.streamQuery`` bound to the compute stream,
+    where that returns a status; else one made of ``Stream.done`` (as the wait was before)."""
+    import types
+
+    from mig_kernel.executor.runtime import _stream_query
+
+    stream = types.SimpleNamespace(ptr=1234, done=False)
+    calls: list[int] = []
+
+    def status(ptr: int) -> int:
+        calls.append(ptr)
+        return 0
+
+    with_query = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(streamQuery=status))
+    )
+    assert _stream_query(with_query, stream)() == 0
+    assert calls == [1234, 1234]  # checked once, then called
+    without = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace()))
+    query = _stream_query(without, stream)
+    assert query() == NOT_READY
+    stream.done = True
+    assert query() == 0

@@ -353,9 +353,22 @@ def warm_start(name: str, memory_limit: int | None = None) -> Runtime:
     if name == "cupy":
         runtime.copy_stream = xp.cuda.Stream(non_blocking=True)
         runtime.compute_stream = xp.cuda.Stream(non_blocking=True)
-        runtime.compute_query = functools.partial(
-            xp.cuda.runtime.streamQuery, runtime.compute_stream.ptr
-        )
+        runtime.compute_query = _stream_query(xp, runtime.compute_stream)
     else:
         runtime.sim_cap = SimMemoryCap()
     return runtime
+
+
+def _stream_query(xp: ModuleType, stream: Any) -> Callable[[], int]:
+    """``cudaStreamQuery`` of ``stream`` in one C call (CuPy's ``runtime.streamQuery`` returns
+    the status), checked once on the idle stream. A CuPy without it, or whose query raises,
+    gets the query by ``Stream.done`` (``NOT_READY`` until done), as the wait was before."""
+    query = getattr(xp.cuda.runtime, "streamQuery", None)
+    if query is not None:
+        bound = functools.partial(query, stream.ptr)
+        try:
+            if bound() == 0:
+                return bound
+        except Exception:  # (a CuPy whose query checks the status and raises)
+            pass
+    return lambda: 0 if stream.done else NOT_READY

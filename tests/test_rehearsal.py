@@ -37,7 +37,7 @@ class FakeStream:
     def synchronize(self) -> None:
         self.synchronized += 1
         while time.perf_counter() < self.ends:
-            pass
+            pass  # a synchronize returns once the work is over
         if self.error:
             raise RuntimeError(f"cudaErrorCode {self.error}")
 

@@ -322,9 +322,7 @@ class ExecutorServer:
         job = self._lane_job(lane, body) if kind == "invoke" and not payload else None
         if job is not None:  # the usual call, in fewer steps
             self.orphans.note_tenant()
-            self.touched = True
-            self.served += 1
-            self.last_active = time.time()
+            self._tenant_served(None)
             self.dataplane.queue(job)
         else:  # The kernel vouches for the sender: no signature, timestamp or replay check.
             self._dispatch(lane.route, Message(kind, body, b"", 0.0, payload=list(payload)))
@@ -336,9 +334,9 @@ class ExecutorServer:
         ``_dispatch``, ``tenant_invoke``, ``_job`` and ``submit`` take (on a short call every
         step counts: docs/performance.md): no frames, plain arguments in the lane's pickle or
         none, a function this executor has loaded already, no handle numbers, no handles to
-        free. The job is the one the usual path would queue; nothing is changed (a rehearsal
-        makes one too). Anything else, or anything these checks refuse, is None: the usual
-        path serves it, or names what is wrong."""
+        free. The job is the one the usual path would queue; nothing is changed but the
+        function cache's order (a rehearsal makes one too). Anything else, or anything these
+        checks refuse, is None: the usual path serves it, or names what is wrong."""
         if self.awaiting_holder or self.sealed or "free" in body or "handles" in body:
             return None
         argv = body.get("argv")
@@ -625,11 +623,7 @@ class ExecutorServer:
                         "lease again",
                         reason="reclaimed",
                     )
-                self.touched = True
-                if msg.sender:  # (a lane request has none: its lane was opened by a signed one)
-                    self.lease_id = msg.sender
-                self.served += 1
-                self.last_active = time.time()
+                self._tenant_served(msg.sender)
             body = method(msg, route)
             if body is not None:
                 self._send(route, "reply", body, key, msg.id)
@@ -638,6 +632,14 @@ class ExecutorServer:
         except Exception as exc:  # a bug: report it and keep serving
             log.exception("request failed")
             self._send(route, "error", self._error_body(exc, msg), key, msg.id)
+
+    def _tenant_served(self, sender: str | None) -> None:
+        """A tenant's request passed its checks: the executor is touched, and active now."""
+        self.touched = True
+        if sender:  # (a lane request has none: its lane was opened by a signed one)
+            self.lease_id = sender
+        self.served += 1
+        self.last_active = time.time()
 
     def _open(self, route: bytes, frames: list[Any]) -> Message | None:
         """Verify a request. What cannot be authenticated gets an unsigned refusal (we sign

@@ -134,6 +134,32 @@ def test_display_without_a_shell_prints_its_text(session, capsys) -> None:
     assert capsys.readouterr().out == "<IPython.core.display.HTML object>\nafter\n"
 
 
+def test_a_data_plane_closed_in_this_process_leaves_display_as_it_was(capsys) -> None:
+    """An executor's data plane made inside another process (a test's, a probe's) installs
+    its display shell there; closed, it must give ``display()`` back, or the process's later
+    displays go to a closed executor and are lost (the test above failed so after one)."""
+    import os
+    import sys
+
+    import zmq
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.display import HTML, display
+
+    from mig_kernel.executor.dataplane import DataPlane
+    from mig_kernel.executor.runtime import Runtime
+
+    before = (InteractiveShell.initialized(), os.environ.get("MPLBACKEND"), sys.stdout)
+    context = zmq.Context()
+    plane = DataPlane(Runtime(name="numpy", xp=np, warm_seconds=0.0), context, None, print)
+    assert InteractiveShell.instance() is plane.display.shell  # the executor's, while it lives
+    sys.stdout = plane.stdout  # as a call leaves it (dataplane.py ``_compute``)
+    plane.close()
+    context.term()
+    assert (InteractiveShell.initialized(), os.environ.get("MPLBACKEND"), sys.stdout) == before
+    display(HTML("<b>x</b>"))  # no shell here: its text, printed
+    assert capsys.readouterr().out == "<IPython.core.display.HTML object>\n"
+
+
 # --- payload, without an executor ------------------------------------------------------------
 
 

@@ -129,7 +129,15 @@ class DataPlane:
         self.display = DisplayBridge(self._publish_display)  # rich output (display.py)
 
     def close(self) -> None:
+        """Close the output socket and undo the process-wide settings (sys.stdout/stderr,
+        display's shell): a data plane inside another process (tests, probes) leaves it as
+        it found it."""
         self.streams.close(linger=0)
+        self.display.close()
+        if sys.stdout is self.stdout:
+            sys.stdout = self.stdout.fallback
+        if sys.stderr is self.stderr:
+            sys.stderr = self.stderr.fallback
 
     # ---------------------------------------------------------------- shared helpers
     def _error_reply(self, job: Job, exc: BaseException) -> Reply:

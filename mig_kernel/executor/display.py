@@ -48,16 +48,35 @@ class DisplayBridge:
     def __init__(self, publish: Publish) -> None:
         self.publish = publish
         self.shell: Any = None
+        self.closed = False
+        self.set_backend = False
         if "MPLBACKEND" not in os.environ and importlib.util.find_spec("matplotlib_inline"):
             os.environ["MPLBACKEND"] = INLINE_BACKEND
+            self.set_backend = True
+        self.finder: _AfterImport | None = None
         if "IPython" in sys.modules:
             self._install()
         else:
-            sys.meta_path.insert(0, _AfterImport("IPython", self._install))
+            self.finder = _AfterImport("IPython", self._install)
+            sys.meta_path.insert(0, self.finder)
 
     def _install(self) -> None:
-        if self.shell is None:
+        if self.shell is None and not self.closed:
             self.shell = _make_shell(self.publish)
+
+    def close(self) -> None:
+        """Undo what this bridge set in its process: the import finder, the shell as
+        ``InteractiveShell.instance()``, the matplotlib backend. An executor process ends
+        instead; a data plane made inside another process (the tests', a probe's) must not
+        leave that process's ``display()`` publishing into a closed executor."""
+        self.closed = True
+        if self.finder is not None and self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
+        if self.shell is not None:  # (traitlets: only where the instance is still ours)
+            type(self.shell).clear_instance()
+            self.shell = None
+        if self.set_backend and os.environ.get("MPLBACKEND") == INLINE_BACKEND:
+            del os.environ["MPLBACKEND"]
 
     def after_call(self) -> None:
         """The end of a call, as the end of a cell is for IPython: ``post_execute`` hooks run

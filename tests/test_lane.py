@@ -322,9 +322,25 @@ def test_the_usual_lane_call_takes_the_short_path(tmp_path) -> None:
         del empty["argv"]
         assert server._lane_job(lane, empty).staged == ((), {})
         assert server._lane_job(lane, {**usual, "timeout": 2.5}) is not None
+        # Handle numbers the executor holds, and handles to free, as the usual path takes them.
+        kept, spare = server.dataplane.store("kept"), server.dataplane.store("spare")
+        by_number = {**usual, "argv": ((kept,), {}), "handles": [0], "free": [spare]}
+        server._dispatch(lane.route, Message("invoke", dict(by_number), b"", 0.0))
+        expected = server.dataplane.next_ready()
+        assert expected.staged == (("kept",), {}) and spare not in server.dataplane.handles
+        spare = server.dataplane.store("spare")
+        rehearsed = server._lane_job(lane, {**by_number, "free": [spare]}, free_now=False)
+        assert rehearsed.staged == expected.staged and spare in server.dataplane.handles
+        job = server._lane_job(lane, {**by_number, "free": [spare]})
+        assert (job.staged, job.handles) == (expected.staged, [0])
+        assert spare not in server.dataplane.handles
         for unusual in (
-            {"handles": [0]},
-            {"free": [1]},
+            {"handles": [0]},  # handle 3: not on this executor (the usual path names it)
+            {"argv": ((kept,), {}), "handles": [1]},
+            {"argv": ((kept,), {}), "handles": 0},
+            {"argv": None, "args": payload.EMPTY_ARGS, "handles": [0]},
+            {"free": "all"},
+            {"free": [True]},
             {"timeout": 0},
             {"timeout": True},
             {"call_id": 7},

@@ -63,7 +63,7 @@ from ..wire.transport import (
     send_frames,
     transport_of,
 )
-from .dataplane import STREAMS, DataPlane, Job
+from .dataplane import STREAMS, DataPlane, Job, UnknownHandle
 from .lanes import Lane, Lanes
 from .orphan import OrphanWatch
 from .privileges import PrivilegeError, become
@@ -329,15 +329,18 @@ class ExecutorServer:
         if TRACE and kind == "invoke":
             body["trace"].append(time.perf_counter_ns())
 
-    def _lane_job(self, lane: Lane, body: dict[str, Any]) -> Job | None:
+    def _lane_job(self, lane: Lane, body: dict[str, Any], free_now: bool = True) -> Job | None:
         """The usual invocation by a lane, checked and staged in fewer steps than
         ``_dispatch``, ``tenant_invoke``, ``_job`` and ``submit`` take (on a short call every
         step counts: docs/performance.md): no frames, plain arguments in the lane's pickle or
-        none, a function this executor has loaded already, no handle numbers, no handles to
-        free. The job is the one the usual path would queue; nothing is changed but the
-        function cache's order (a rehearsal makes one too). Anything else, or anything these
-        checks refuse, is None: the usual path serves it, or names what is wrong."""
-        if self.awaiting_holder or self.sealed or "free" in body or "handles" in body:
+        none, a function this executor has loaded already, handle numbers where it holds
+        those handles, handles to free as a list of ints (freed once the request passed its
+        checks, as the usual path frees them). The job is the one the usual path would queue;
+        nothing else is changed but the function cache's order (a rehearsal makes one too).
+        Anything else, or anything these checks refuse, is None: the usual path serves it, or
+        names what is wrong (freeing again what was freed here changes nothing). A
+        rehearsal (``free_now`` False) frees nothing."""
+        if self.awaiting_holder or self.sealed:
             return None
         argv = body.get("argv")
         if argv is None:
@@ -353,6 +356,9 @@ class ExecutorServer:
             staged = argv
         else:
             return None
+        handles = body.get("handles")
+        if handles is not None and (argv is None or not _handle_positions(argv, handles)):
+            return None
         call_id, fn_data, timeout = body.get("call_id"), body.get("fn"), body.get("timeout")
         if (
             type(call_id) is not str
@@ -363,11 +369,20 @@ class ExecutorServer:
         fn = self.dataplane.function(fn_data, load=False, use=True)
         if fn is None:
             return None
+        free = body.get("free")
+        if free is not None and (type(free) is not list or any(type(i) is not int for i in free)):
+            return None
         try:
             check_body(body)
-        except BadRequest:
+            if free and free_now:
+                self.dataplane.free(free)
+            if handles:
+                staged = lane_wire.replace_at(argv, handles, self.dataplane.lookup)
+        except (BadRequest, UnknownHandle):
             return None
-        job = Job("invoke", lane.route, call_id, body, b"", fn_data, argv=argv, fn=fn)
+        job = Job(
+            "invoke", lane.route, call_id, body, b"", fn_data, argv=argv, handles=handles, fn=fn
+        )
         job.staged, job.ready_event = staged, self.dataplane.last_copy
         return job
 
@@ -425,7 +440,7 @@ class ExecutorServer:
         if message is None or message[0] != "invoke":
             return
         kind, body, payload = message
-        if payload or self._lane_job(lane, body) is None:  # the usual path's steps, then
+        if payload or self._lane_job(lane, body, free_now=False) is None:  # the usual path
             try:
                 check_body(body)
                 msg = Message(type=kind, body=body, id=b"", ts=0.0, payload=list(payload))
@@ -808,14 +823,7 @@ class ExecutorServer:
             ):
                 raise BadRequest("field 'argv' is (args, kwargs): a tuple and a dict")
             handles = msg.body.get("handles")
-            if handles is not None and not (
-                type(handles) is list
-                and all(
-                    (type(at) is int and 0 <= at < len(argv[0]) and type(argv[0][at]) is int)
-                    or (type(at) is str and type(argv[1].get(at)) is int)
-                    for at in handles
-                )
-            ):
+            if handles is not None and not _handle_positions(argv, handles):
                 raise BadRequest(
                     "field 'handles' lists the positions of argv that hold handle numbers: "
                     "indexes into args and keywords, each holding an int"
@@ -886,6 +894,18 @@ class ExecutorServer:
             raise BadRequest("free needs ids: [int, ...]")
         self.dataplane.free(ids)
         return {"freed": len(ids)}
+
+
+def _handle_positions(argv: tuple[tuple[Any, ...], dict[str, Any]], handles: Any) -> bool:
+    """Whether a lane request's ``handles`` field is what remote.py's ``_handle_arguments``
+    sends: a list of positions in ``argv`` (indexes into args, keywords), each holding an int
+    (a handle number)."""
+    args, kwargs = argv
+    return type(handles) is list and all(
+        (type(at) is int and 0 <= at < len(args) and type(args[at]) is int)
+        or (type(at) is str and type(kwargs.get(at)) is int)
+        for at in handles
+    )
 
 
 def _unpack(packed: bytes) -> tuple[str, dict[str, Any], tuple[Any, ...]]:

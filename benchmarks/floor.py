@@ -17,11 +17,13 @@ One run measures, p50 and p99 of the client's wall clock (``time.perf_counter``)
   for a call between two Python processes, which the lane's semantics add to;
 - ``mig_kernel``: ``session.run(noop)`` on a sim slice (the default ipc executor, with the local
   lane when the executor offers one);
+- ``mig_kernel_handles``: ``session.run(two, a, b)`` on the same session, ``a`` and ``b``
+  small arrays already on the slice (the matmul's kind of call: two handles in, None out);
 - ``mig_kernel_zmq``: the same executor with the lane turned off (``MIG_KERNEL_LANE=0`` in the
   client): the signed ZeroMQ path;
 - ``ray``: ``ray.get(actor.noop.remote())`` when ``ray`` is installed.
 
-The first five are interleaved in ``rounds`` rounds of ``reps / rounds`` calls each, so each
+The first six are interleaved in ``rounds`` rounds of ``reps / rounds`` calls each, so each
 sees the same machine (this CPU machine is shared); Ray runs after them, alone, since its
 daemons would load the two cores. The load average is recorded before and after.
 """
@@ -43,6 +45,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -78,6 +81,10 @@ while True:
 
 
 def noop() -> None:
+    return None
+
+
+def two(a: Any, b: Any) -> None:
     return None
 
 
@@ -295,11 +302,13 @@ def main() -> None:
             python_rpc() as rpc_call,
             mig_kernel_sessions(tmp) as (lane, plain),
         ):
+            on_slice = (lane.put(np.zeros(16, np.float32)), lane.put(np.ones(16, np.float32)))
             calls = {
                 "pyzmq": zmq_call,
                 "pipe": pipe_call,
                 "python_rpc": rpc_call,
                 "mig_kernel": lambda: lane.run(noop),
+                "mig_kernel_handles": lambda: lane.run(two, *on_slice),
                 "mig_kernel_zmq": lambda: plain.run(noop),
             }
             result["interleaved"] = interleaved(calls, args.reps, args.rounds)

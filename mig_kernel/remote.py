@@ -633,23 +633,27 @@ class ExecutorConnection:
         args, a keyword). None when any argument is something else (a NumPy array, a
         container, a handle of another executor): the pickler with its hook handles those,
         and refuses a lost handle."""
+        # One pass that also makes the numbered copy (a short call's every step counts).
+        route, epochs = self.route, self.epochs
         positions: list[int | str] = []
+        numbered_args, numbered_kwargs = list(args), dict(kwargs)
         for at, value in itertools.chain(enumerate(args), kwargs.items()):
-            if self._handle_number(value) is not None:
+            kind = type(value)
+            if kind is RemoteArray or kind is RemoteObject:
+                if value._route is not route or value.epoch not in epochs:
+                    return None  # another executor's, or lost: the pickler's hook says which
                 positions.append(at)
-            elif not _plain_value(value):
+                if type(at) is int:
+                    numbered_args[at] = value.handle
+                else:
+                    numbered_kwargs[at] = value.handle
+            elif not (
+                kind in _PLAIN_SCALARS or (kind in _PLAIN_TEXT and len(value) <= PLAIN_TEXT_MAX)
+            ):
                 return None
         if not positions:
             return None
-        return lane_wire.replace_at((args, kwargs), positions, self._handle_number), positions
-
-    def _handle_number(self, value: Any) -> int | None:
-        kind = type(value)
-        if (kind is RemoteArray or kind is RemoteObject) and (
-            value._route is self.route and value.epoch in self.epochs
-        ):
-            return value.handle
-        return None
+        return (tuple(numbered_args), numbered_kwargs), positions
 
     def submit(
         self,

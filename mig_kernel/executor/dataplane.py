@@ -36,7 +36,6 @@ import cloudpickle
 import numpy as np
 import zmq
 
-from ..wire import lane as lane_wire
 from ..wire import payload
 from ..wire.arena import ArenaMap
 from ..wire.messages import INLINE_BYTES
@@ -210,10 +209,27 @@ class DataPlane:
             try:
                 return self.handles[handle]
             except KeyError:
-                raise UnknownHandle(
-                    f"handle {handle} is not on this executor (freed, or lost when the executor "
-                    "was replaced)"
-                ) from None
+                raise _not_held(handle) from None
+
+    def lookup_at(
+        self, argv: tuple[tuple[Any, ...], dict[str, Any]], positions: list[int | str]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A lane request's (args, kwargs) with the handle numbers at ``positions`` (server.py
+        checked them: indexes into args, keywords) replaced by what they name, under one
+        taking of the lock."""
+        args, kwargs = list(argv[0]), dict(argv[1]) if argv[1] else argv[1]
+        handles = self.handles
+        with self.lock:
+            for at in positions:
+                number = args[at] if type(at) is int else kwargs[at]  # type: ignore[index]
+                obj = handles.get(number, _NOT_HELD)
+                if obj is _NOT_HELD:
+                    raise _not_held(number)
+                if type(at) is int:
+                    args[at] = obj
+                else:
+                    kwargs[at] = obj  # type: ignore[index]
+        return tuple(args), kwargs
 
     def free(self, ids: list[int]) -> None:
         for handle in ids:
@@ -273,7 +289,7 @@ class DataPlane:
             job.stage_wall = time.perf_counter()
             if job.argv is not None:  # plain values, as the lane brought them
                 job.staged = (
-                    lane_wire.replace_at(job.argv, job.handles, self.lookup)
+                    self.lookup_at(job.argv, job.handles)
                     if job.handles  # handle numbers (server.py checked their positions)
                     else job.argv
                 )
@@ -723,6 +739,15 @@ class DataPlane:
 
 # Frames a remote traceback leaves out: the sim ``xp``'s wrappers stand between the user's
 # line and NumPy's (``xp.ones`` -> ``numpy.ones``), where CuPy has no Python frame of ours.
+_NOT_HELD = object()  # (``lookup_at``: no handle by that number)
+
+
+def _not_held(handle: Any) -> UnknownHandle:
+    return UnknownHandle(
+        f"handle {handle} is not on this executor (freed, or lost when the executor was replaced)"
+    )
+
+
 _HIDDEN_FILES = frozenset({simxp.__file__})
 
 

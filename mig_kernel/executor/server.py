@@ -377,7 +377,7 @@ class ExecutorServer:
             if free and free_now:
                 self.dataplane.free(free)
             if handles:
-                staged = lane_wire.replace_at(argv, handles, self.dataplane.lookup)
+                staged = self.dataplane.lookup_at(argv, handles)
         except (BadRequest, UnknownHandle):
             return None
         job = Job(
@@ -900,12 +900,16 @@ def _handle_positions(argv: tuple[tuple[Any, ...], dict[str, Any]], handles: Any
     """Whether a lane request's ``handles`` field is what remote.py's ``_handle_arguments``
     sends: a list of positions in ``argv`` (indexes into args, keywords), each holding an int
     (a handle number)."""
+    if type(handles) is not list:
+        return False
     args, kwargs = argv
-    return type(handles) is list and all(
-        (type(at) is int and 0 <= at < len(args) and type(args[at]) is int)
-        or (type(at) is str and type(kwargs.get(at)) is int)
-        for at in handles
-    )
+    for at in handles:  # (a loop, not all() of a generator: a short call's every step counts)
+        if type(at) is int:
+            if not (0 <= at < len(args) and type(args[at]) is int):
+                return False
+        elif not (type(at) is str and type(kwargs.get(at)) is int):
+            return False
+    return True
 
 
 def _unpack(packed: bytes) -> tuple[str, dict[str, Any], tuple[Any, ...]]:

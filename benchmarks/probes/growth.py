@@ -3,6 +3,7 @@
 Usage (on the GPU machine; ``--backend sim`` only checks the code paths)::
 
     python benchmarks/probes/growth.py [--backend nvml|sim] [--reps 200] [--out FILE.json]
+        [--lengths 0,1000,2100,5000,20000] [--variants takeover_2ms,takeover_off]
 
 For spin kernels of 0 us to 20 ms it measures, in alternating blocks of calls made back to
 back (the executor is never idle for a native block's length between two remoted calls),
@@ -17,7 +18,9 @@ p50 in us:
   launched (the function returned), synchronized, ran (result pickled); client done.
 
 once with the executor's watcher taking the socket after 2 ms (the default) and once with
-the takeover off (``MIG_KERNEL_TAKEOVER_US``: a diagnosis only; calls then go unwatched).
+the takeover off (``MIG_KERNEL_TAKEOVER_US``: a diagnosis only; calls then go unwatched);
+``--variants`` may add ``rehearse_off`` (the default takeover, no rehearsals on either side:
+``MIG_KERNEL_REHEARSE_US=0``, so the executor synchronizes instead of polling).
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ import mig_kernel
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 LENGTHS_US = (0, 1000, 2100, 5000, 20000)
+# name: (MIG_KERNEL_TAKEOVER_US, MIG_KERNEL_REHEARSE_US), both read where each process starts
+VARIANTS = {
+    "takeover_2ms": ("2000", "200"),
+    "takeover_off": ("1000000000", "200"),
+    "rehearse_off": ("2000", "0"),
+}
 ROUNDS = 5  # native and remoted alternate in this many blocks per length
 # Between two blocks: longer than any spin window (the floor server's and the executor's,
 # 1 ms), so one system's spinning does not take the cores of the next one's block (on the
@@ -161,7 +170,7 @@ def stamped(session: Any, fn: Any, ns: int) -> tuple[float, list[float] | None]:
     return (done - t0) / 1e3, [(b - a) / 1e3 for a, b in itertools.pairwise(marks)]
 
 
-def measure(session: Any, gpu: bool, reps: int) -> dict[str, Any]:
+def measure(session: Any, gpu: bool, reps: int, lengths: list[int]) -> dict[str, Any]:
     fn = remote_spin if gpu else remote_sim_spin
     local = natives(gpu)
     ends = []
@@ -169,7 +178,7 @@ def measure(session: Any, gpu: bool, reps: int) -> dict[str, Any]:
         local[name], end = floor_remote(gpu, spin)
         ends.append(end)
     out: dict[str, Any] = {}
-    for length in LENGTHS_US:
+    for length in lengths:
         ns = length * 1000
         n = reps if length <= 5000 else max(20, reps // 4)
         times: dict[str, list[float]] = {name: [] for name in (*local, "remoted")}
@@ -214,12 +223,17 @@ def main() -> None:
     parser.add_argument("--backend", default="nvml", choices=("nvml", "sim"))
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS_US)))
+    parser.add_argument("--variants", default="takeover_2ms,takeover_off")
     args = parser.parse_args()
     gpu = args.backend == "nvml"
+    lengths = [int(v) for v in args.lengths.split(",")]
     os.environ["MIG_KERNEL_TRACE"] = "1"
     result: dict[str, Any] = {"cpus": os.cpu_count(), "load": list(os.getloadavg())}
-    for label, takeover in (("takeover_2ms", "2000"), ("takeover_off", "1000000000")):
+    for label in args.variants.split(","):
+        takeover, rehearse = VARIANTS[label]
         os.environ["MIG_KERNEL_TAKEOVER_US"] = takeover
+        os.environ["MIG_KERNEL_REHEARSE_US"] = rehearse
         with (
             tempfile.TemporaryDirectory(prefix="mig-growth-") as tmp,
             running_broker(Path(tmp), "growth", args.backend, 1, 1) as broker,
@@ -228,7 +242,7 @@ def main() -> None:
             for _ in range(200):
                 session.run(noop)
             print(label, flush=True)
-            result[label] = measure(session, gpu, args.reps)
+            result[label] = measure(session, gpu, args.reps, lengths)
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -56,7 +56,7 @@ def plane():
 def test_a_stream_wait_rehearses_then_synchronizes(plane, monkeypatch) -> None:
     monkeypatch.setattr(dataplane, "REHEARSE", 0.0002)
     ran: list[float] = []
-    plane.rehearse = lambda: ran.append(time.perf_counter())
+    plane.rehearse = lambda _working: ran.append(time.perf_counter())
     stream = FakeStream(0.005)
     count = plane._await(stream, stream.query)
     assert count == len(ran) >= 1
@@ -69,7 +69,7 @@ def test_a_stream_whose_work_failed_ends_the_wait_with_its_error(plane, monkeypa
     stops at once, and the error is raised as a plain synchronize raises it (CuPy's
     ``Stream.done`` would only ever say "not done")."""
     monkeypatch.setattr(dataplane, "REHEARSE", 0.0002)
-    plane.rehearse = lambda: None
+    plane.rehearse = lambda _working: None
     stream = FakeStream(0.003, error=700)
     with pytest.raises(RuntimeError, match="700"):
         plane._await(stream, stream.query)
@@ -77,10 +77,28 @@ def test_a_stream_whose_work_failed_ends_the_wait_with_its_error(plane, monkeypa
     assert time.perf_counter() >= stream.ends
 
 
+def test_a_rehearsal_can_ask_whether_the_work_still_runs(plane, monkeypatch) -> None:
+    """A rehearsal asks between its parts whether the GPU work has ended (server.py
+    ``_rehearse``), so that the end is noticed within a part of it, not a whole one."""
+    monkeypatch.setattr(dataplane, "REHEARSE", 0.0002)
+    asked: list[bool] = []
+    kept: list = []
+
+    def rehearse(working) -> None:
+        kept.append(working)
+        asked.append(working())
+
+    plane.rehearse = rehearse
+    stream = FakeStream(0.004)
+    assert plane._await(stream, stream.query) == len(asked) >= 2
+    assert all(asked[:-1])  # asked while the work ran: still running (the last may be late)
+    assert kept[-1]() is False  # and once it has ended, ended
+
+
 def test_a_failing_rehearsal_is_reported_once_and_stops(plane, monkeypatch, caplog) -> None:
     monkeypatch.setattr(dataplane, "REHEARSE", 0.0002)
 
-    def broken() -> None:
+    def broken(_working) -> None:
         raise RuntimeError("a bug in a rehearsal")
 
     plane.rehearse = broken

@@ -115,7 +115,8 @@ class DataPlane:
         self.current: Job | None = None  # the call running now
         self.runner_ident = threading.get_ident()  # the thread that runs calls (cancel)
         self.call_started: Callable[[], None] = lambda: None  # the server wakes its watcher
-        self.rehearse: Callable[[], None] | None = None  # the server's, while a call waits
+        # The server's, while a call waits (its argument: is the GPU work still running?)
+        self.rehearse: Callable[[Callable[[], bool]], None] | None = None
         self.awaiting = False  # in ``_await``: rehearsing while a call's GPU work runs
         self.cancel_lock = threading.Lock()  # orders a cancel against the end of a call
         self.interrupting = False  # a cancel raised KeyboardInterrupt in the running call
@@ -542,13 +543,17 @@ class DataPlane:
         rehearse, clock = self.rehearse, time.perf_counter
         due = clock() + REHEARSE
         count = 0
+
+        def working() -> bool:
+            return query() == NOT_READY
+
         self.awaiting = True
         try:
             status = query()
             while status == NOT_READY and rehearse is not None:
                 if clock() >= due:
                     try:
-                        rehearse()
+                        rehearse(working)
                         count += 1
                     except Exception:
                         log.exception("rehearsing the steps after a call failed; rehearsals stop")

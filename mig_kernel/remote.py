@@ -647,9 +647,7 @@ class ExecutorConnection:
                     numbered_args[at] = value.handle
                 else:
                     numbered_kwargs[at] = value.handle
-            elif not (
-                kind in _PLAIN_SCALARS or (kind in _PLAIN_TEXT and len(value) <= PLAIN_TEXT_MAX)
-            ):
+            elif not _plain_value(value):
                 return None
         if not positions:
             return None

@@ -742,8 +742,6 @@ class DataPlane:
         return {"restored": restored}
 
 
-# Frames a remote traceback leaves out: the sim ``xp``'s wrappers stand between the user's
-# line and NumPy's (``xp.ones`` -> ``numpy.ones``), where CuPy has no Python frame of ours.
 _NOT_HELD = object()  # (``lookup_at``: no handle by that number)
 
 
@@ -753,6 +751,8 @@ def _not_held(handle: Any) -> UnknownHandle:
     )
 
 
+# Frames a remote traceback leaves out: the sim ``xp``'s wrappers stand between the user's
+# line and NumPy's (``xp.ones`` -> ``numpy.ones``), where CuPy has no Python frame of ours.
 _HIDDEN_FILES = frozenset({simxp.__file__})
 
 

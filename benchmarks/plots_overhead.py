@@ -5,7 +5,8 @@
 
 ``gpu-overhead-sweep.png``: remoted minus native p50 against the call's GPU time (lane, lane
 without the client's spin, signed ZeroMQ) with the target; ``cpu-floor.png``: p50 of each
-system per floor.py run.
+system per floor.py run. ``--tag T`` names them ``gpu-overhead-sweep-T.png`` and
+``cpu-floor-T.png`` (a later pass's plots beside the earlier ones).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ VARIANTS = {
 SYSTEMS = {
     "pyzmq": "bare pyzmq ipc",
     "pipe": "os.pipe",
+    "python_rpc": "Python RPC floor",
     "mig_kernel": "mig-kernel, lane",
+    "mig_kernel_handles": "lane, 2 handles",
     "mig_kernel_zmq": "mig-kernel, ZeroMQ",
     "ray": "Ray actor",
 }
@@ -81,13 +84,15 @@ def main() -> None:
     parser.add_argument("--sweep", type=Path, help="overhead_sweep.py's JSON (else no GPU plot)")
     parser.add_argument("--floor", type=Path, nargs="+", help="floor.py's JSONs (else no CPU plot)")
     parser.add_argument("--out", type=Path, default=Path("docs/perf"))
+    parser.add_argument("--tag", default="", help="appended to the file names (a pass's plots)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    tag = f"-{args.tag}" if args.tag else ""
     if args.sweep:
-        sweep_plot(json.loads(args.sweep.read_text()), args.out / "gpu-overhead-sweep.png")
+        sweep_plot(json.loads(args.sweep.read_text()), args.out / f"gpu-overhead-sweep{tag}.png")
     if args.floor:
         runs = [json.loads(p.read_text()) for p in args.floor]
-        floor_plot(runs, args.out / "cpu-floor.png")
+        floor_plot(runs, args.out / f"cpu-floor{tag}.png")
 
 
 if __name__ == "__main__":

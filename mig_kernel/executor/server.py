@@ -525,12 +525,9 @@ class ExecutorServer:
                 if self.dataplane.current is not job:
                     return
                 # (The fds signal new arrivals only: what waits already is seen here.)
-                pending = self.socket.getsockopt(_EVENTS) | self.streams.getsockopt(_EVENTS)
-                if serve or pending & _POLLIN:
+                if serve or self._zmq_input_waiting():
                     self._serve_turn(0, limit=64)
-                    if (
-                        self.socket.getsockopt(_EVENTS) | self.streams.getsockopt(_EVENTS)
-                    ) & _POLLIN:
+                    if self._zmq_input_waiting():
                         continue  # more than one turn takes
                 else:
                     self._check_deadline()
@@ -551,6 +548,11 @@ class ExecutorServer:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.watcher_woken, 512)
             serve = bool(came) or not self.dataplane.awaiting
+
+    def _zmq_input_waiting(self) -> bool:
+        """Whether the ROUTER or the output streams hold input now (the caller holds
+        ``sock_lock``)."""
+        return bool((self.socket.getsockopt(_EVENTS) | self.streams.getsockopt(_EVENTS)) & _POLLIN)
 
     def _sleep_until_a_call(self) -> None:
         with self.watch_cond:
